@@ -1,0 +1,29 @@
+# dtvg_ds — `make demo` and `make test` set themselves up (./.venv) on first use.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export DS_ACCELERATOR ?= cpu
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: setup test test-fast demo lint bench clean
+
+setup:
+	@scripts/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not dist and not slurm" tests
+
+demo: setup
+	$(PY) -m dtvg_ds.demo
+
+lint: setup
+	$(VENV)/bin/ruff check dtvg_ds launchers tests bench
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

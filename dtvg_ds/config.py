@@ -1,0 +1,380 @@
+"""One typed source of truth for every hyperparameter.
+
+`TrainConfig` is the only place a setting is declared. The CLI is generated from it (flag names
+follow the HF Trainer and the published DTVG scripts), an optional YAML file (`--config`) sets
+values, and CLI flags override the YAML. Values DeepSpeed also holds (micro batch, accumulation,
+precision, optimizer, scheduler, clipping) are reconciled with the DeepSpeed JSON in
+`resolve_ds_config`: `"auto"` is filled from the config, a concrete JSON value is adopted when the
+flag was not given, and a flag that contradicts the JSON is an error naming both.
+
+Validation collects *all* problems and names the flag to change (litgpt style), so a user fixes a
+bad command line in one go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("pt", "dtvg", "spot")
+ABLATIONS = ("none", "no_kc", "target_only", "all_sources", "fixed_group")
+DEMO_MODEL = "demo"  # the embedded default: a tiny T5 the project pretrains and caches on CPU
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message names the flag or file to fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(f"  - {p}" for p in problems))
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field carrying its CLI help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Field name == CLI flag (`--<name>`) == YAML key."""
+
+    # --- what to run ---
+    method: str = _f("pt", f"training method: one of {', '.join(METHODS)}")
+    task: str = _f("", "task name (see `python -m dtvg_ds.tasks`)")
+    model_name_or_path: str = _f(DEMO_MODEL, "backbone: Hub id, local dir, or 'demo' (tiny local T5)")
+    output_dir: str = _f("", "where checkpoints, logs and the prompt artifact go")
+    deepspeed: str = _f("ds_configs/zero3.json", "DeepSpeed JSON config")
+    config: str = _f("", "optional YAML file of these settings; CLI flags override it")
+    data_dir: str = _f("", "read the task from local json/jsonl/csv/parquet files in this dir")
+    cache_dir: str = _f(".cache", "where the demo backbone and tokenised data are cached")
+    overwrite_output_dir: bool = _f(False, "allow writing into a non-empty output_dir")
+    resume: str = _f("", "'auto' (newest checkpoint in output_dir) or a checkpoint dir")
+    seed: int = _f(42, "training seed (data order, dropout)")
+    debug: bool = _f(False, "show full tracebacks on errors")
+
+    # --- data ---
+    max_source_length: int = _f(256, "max input tokens (before the soft prompt)")
+    max_target_length: int = _f(16, "max target tokens")
+    max_train_samples: int = _f(0, "truncate the training set (0 = all)")
+    max_eval_samples: int = _f(0, "truncate the validation set (0 = all)")
+
+    # --- the soft prompt ---
+    num_virtual_tokens: int = _f(100, "soft prompt length r", aliases=("--prefix_length",))
+    prompt_init: str = _f("vocab", "'vocab' (seeded rows of the embedding matrix) or 'uniform'")
+    prompt_init_seed: int = _f(
+        0, "seed of the shared prompt init; tasks sharing it share P_init (keep it fixed)"
+    )
+    prompt_init_vocab_range: int = _f(5000, "draw init rows from the first N vocabulary ids")
+
+    # --- optimisation (also held by DeepSpeed; reconciled with the JSON) ---
+    learning_rate: float = _f(0.3, "peak learning rate of the prompt")
+    weight_decay: float = _f(1e-5, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
+    warmup_steps: int = _f(0, "linear warmup steps, then linear decay to 0 at max_steps")
+    max_steps: int = _f(1000, "optimizer steps to train")
+    per_device_train_batch_size: int = _f(8, "micro batch per rank")
+    per_device_eval_batch_size: int = _f(32, "eval batch per rank")
+    gradient_accumulation_steps: int = _f(1, "micro batches per optimizer step")
+    bf16: bool = _f(False, "bf16 backbone and prompt compute (fp32 master weights)")
+    fp16: bool = _f(False, "not supported: T5 overflows in fp16; use --bf16")
+
+    # --- evaluation, logging, checkpoints ---
+    eval_steps: int = _f(100, "evaluate by generation every N steps (0 = only at the end)")
+    save_steps: int = _f(100, "checkpoint every N steps (0 = only at the end)")
+    logging_steps: int = _f(10, "log the training loss every N steps")
+    save_total_limit: int = _f(2, "keep the last K checkpoints")
+    generation_max_length: int = _f(16, "max new tokens when evaluating by generation")
+    eval_gather_backbone: str = _f(
+        "auto", "gather the ZeRO-3 backbone once per evaluation: auto|always|never"
+    )
+    report_to: str = _f("tensorboard", "extra loggers: tensorboard|none (JSONL is always on)")
+
+    # --- stage 2 (DTVG) and SPoT ---
+    target_tpv: str = _f("", "DTVG/SPoT: the target task's stage-1 prompt artifact dir")
+    source_tpvs: list[str] = _f([], "DTVG/SPoT: source tasks' stage-1 prompt artifact dirs")
+    target_task_scale_learning_rate: float = _f(0.3, "DTVG: learning rate of a_t")
+    source_task_scale_learning_rate: float = _f(0.3, "DTVG: learning rate of the a_s")
+    regroup_every: int = _f(1, "DTVG: recompute the group every N optimizer steps")
+    group_lambda: float = _f(0.0, "DTVG: 0 = released-code rule; >0 = paper's TS + lambda*KC")
+    ts_threshold: float = _f(0.0, "DTVG: keep sources with target similarity >= this")
+    ablation: str = _f("none", f"DTVG ablation: one of {', '.join(ABLATIONS)}")
+    fingerprint_every: int = _f(50, "DTVG: check prompt replicas agree across ranks every N steps")
+    spot_per_token: bool = _f(False, "SPoT: per-token cosine instead of average-token cosine")
+
+    # --- derived at run time, not flags ---
+    explicit: frozenset[str] = field(default=frozenset(), metadata={"cli": False})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict (for logs and checkpoints)."""
+        d = dataclasses.asdict(self)
+        d.pop("explicit")
+        return d
+
+
+def _cli_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+
+
+def _str2bool(v: str | bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _base_type(tp: Any) -> Any:
+    """`list[str]` -> (list, str); `int` -> (None, int)."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return list, typing.get_args(tp)[0]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None, args[0]
+    return None, tp
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # exit 2 with one clear line, no usage dump
+        raise ConfigError([f"{message} (see --help)"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI, generated from `TrainConfig`. Defaults are suppressed to know what was given."""
+    p = _Parser(prog="launchers/train.py", description=__doc__.split("\n\n")[0],
+                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in _cli_fields():
+        container, tp = _base_type(hints[f.name])
+        names = [f"--{f.name}", *f.metadata.get("aliases", ())]
+        helptext = f"{f.metadata['help']} (default: {f.default if f.default is not dataclasses.MISSING else '[]'})"
+        if tp is bool:
+            p.add_argument(*names, dest=f.name, nargs="?", const=True, type=_str2bool, help=helptext)
+        elif container is list:
+            p.add_argument(*names, dest=f.name, nargs="+", type=tp, help=helptext)
+        else:
+            p.add_argument(*names, dest=f.name, type=tp, help=helptext)
+    # Launchers (deepspeed) append --local_rank; accept and ignore it: LOCAL_RANK is read from env.
+    p.add_argument("--local_rank", "--local-rank", dest="_local_rank", type=int, help=argparse.SUPPRESS)
+    return p
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"--config {path}: no such file; pass an existing YAML file"])
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"--config {path}: not valid YAML ({e}); fix the file"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"--config {path}: expected a mapping of setting: value"])
+    known = {f.name for f in _cli_fields()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError([f"--config {path}: unknown setting(s) {unknown}; see --help for names"])
+    return data
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """defaults <- YAML (--config) <- CLI flags; then validate. Raises ConfigError."""
+    ns = vars(build_parser().parse_args(argv))
+    ns.pop("_local_rank", None)
+    values: dict[str, Any] = {}
+    if ns.get("config"):
+        values.update(_read_yaml(ns["config"]))
+    values.update(ns)
+    explicit = frozenset(values)
+    try:
+        cfg = TrainConfig(**values, explicit=explicit)
+    except TypeError as e:
+        raise ConfigError([str(e)]) from None
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with the settings, each naming the flag to change."""
+    probs: list[str] = []
+    if cfg.method not in METHODS:
+        probs.append(f"--method {cfg.method!r} is unknown; choose one of {', '.join(METHODS)}")
+    if not cfg.task:
+        probs.append("--task is required (list tasks with `python -m dtvg_ds.tasks`)")
+    if not cfg.output_dir:
+        probs.append("--output_dir is required")
+    for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "num_virtual_tokens", "max_source_length",
+                 "max_target_length", "generation_max_length", "regroup_every",
+                 "prompt_init_vocab_range", "save_total_limit"):
+        if getattr(cfg, name) < 1:
+            probs.append(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
+    for name in ("eval_steps", "save_steps", "logging_steps", "warmup_steps", "max_train_samples",
+                 "max_eval_samples", "fingerprint_every"):
+        if getattr(cfg, name) < 0:
+            probs.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    if cfg.learning_rate <= 0:
+        probs.append(f"--learning_rate must be > 0 (got {cfg.learning_rate})")
+    if cfg.warmup_steps > cfg.max_steps:
+        probs.append(f"--warmup_steps ({cfg.warmup_steps}) exceeds --max_steps ({cfg.max_steps})")
+    if cfg.prompt_init not in ("vocab", "uniform"):
+        probs.append(f"--prompt_init {cfg.prompt_init!r}: choose 'vocab' or 'uniform'")
+    if cfg.fp16:
+        probs.append("--fp16: T5 overflows in fp16 (NaN losses); use --bf16 or fp32")
+    if cfg.eval_gather_backbone not in ("auto", "always", "never"):
+        probs.append("--eval_gather_backbone: choose auto, always or never")
+    if cfg.report_to not in ("tensorboard", "none"):
+        probs.append("--report_to: choose tensorboard or none")
+    if cfg.resume and cfg.overwrite_output_dir:
+        probs.append("--resume and --overwrite_output_dir contradict each other; pass one")
+    if cfg.ablation not in ABLATIONS:
+        probs.append(f"--ablation {cfg.ablation!r}: choose one of {', '.join(ABLATIONS)}")
+    if cfg.method in ("dtvg", "spot"):
+        if not cfg.source_tpvs:
+            probs.append(f"--method {cfg.method} needs --source_tpvs DIR [DIR ...]")
+        if cfg.method == "dtvg" and not cfg.target_tpv:
+            probs.append("--method dtvg needs --target_tpv DIR (the target's stage-1 artifact)")
+    elif cfg.target_tpv or cfg.source_tpvs:
+        probs.append(f"--target_tpv/--source_tpvs are for dtvg/spot, not --method {cfg.method}")
+    return probs
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed JSON reconciliation
+# ----------------------------------------------------------------------------------------------
+
+def read_ds_config(path: str) -> dict[str, Any]:
+    """Load a DeepSpeed JSON file with a clear error for a missing or malformed file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"--deepspeed {path}: no such file; pass e.g. ds_configs/zero3.json"])
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"--deepspeed {path}: malformed JSON at line {e.lineno}: {e.msg}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"--deepspeed {path}: expected a JSON object"])
+    return data
+
+
+class _Reconciler:
+    """Fills "auto", adopts concrete JSON values for flags not given, flags real conflicts."""
+
+    def __init__(self, cfg: TrainConfig, ds: dict[str, Any], path: str):
+        self.cfg, self.ds, self.path = cfg, ds, path
+        self.problems: list[str] = []
+        self.adopted: dict[str, Any] = {}
+
+    def link(self, keys: tuple[str, ...], flag: str, cast: type = float) -> None:
+        node = self.ds
+        for k in keys[:-1]:
+            node = node.get(k)
+            if not isinstance(node, dict):
+                return
+        leaf = keys[-1]
+        if leaf not in node:
+            return
+        mine = getattr(self.cfg, flag)
+        theirs = node[leaf]
+        if theirs == "auto":
+            node[leaf] = mine
+        elif flag in self.cfg.explicit and cast(theirs) != cast(mine):
+            self.problems.append(
+                f"{self.path}: {'.'.join(keys)} = {theirs!r} contradicts --{flag} {mine!r}; "
+                f"set the JSON value to \"auto\" or drop the flag")
+        elif cast(theirs) != cast(mine):
+            setattr(self.cfg, flag, cast(theirs) if cast is not bool else bool(theirs))
+            self.adopted[flag] = theirs
+
+
+def resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
+                      path: str = "ds config") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (resolved DeepSpeed dict, {flag: value adopted from the JSON}).
+
+    Mutates `cfg` for adopted values so that the config stays the one source of truth at run time.
+    """
+    ds = copy.deepcopy(ds_in)
+    r = _Reconciler(cfg, ds, path)
+    r.link(("train_micro_batch_size_per_gpu",), "per_device_train_batch_size", int)
+    r.link(("gradient_accumulation_steps",), "gradient_accumulation_steps", int)
+    r.link(("gradient_clipping",), "max_grad_norm", float)
+    r.link(("bf16", "enabled"), "bf16", bool)
+    if ds.get("fp16", {}).get("enabled") in (True, "auto"):
+        if ds["fp16"]["enabled"] is True:
+            r.problems.append(f"{path}: fp16.enabled = true; T5 overflows in fp16, use bf16")
+        ds["fp16"]["enabled"] = False
+    opt = ds.get("optimizer")
+    if opt is not None:
+        if opt.get("type", "").lower() not in ("adamw", "adam"):
+            r.problems.append(f"{path}: optimizer.type {opt.get('type')!r}: use AdamW")
+        params = opt.setdefault("params", {})
+        r.link(("optimizer", "params", "lr"), "learning_rate", float)
+        r.link(("optimizer", "params", "weight_decay"), "weight_decay", float)
+        r.link(("optimizer", "params", "eps"), "adam_epsilon", float)
+        if params.get("betas") == "auto":
+            params["betas"] = [cfg.adam_beta1, cfg.adam_beta2]
+    sch = ds.get("scheduler")
+    if sch is not None:
+        if sch.get("type") != "WarmupDecayLR":
+            r.problems.append(f"{path}: scheduler.type {sch.get('type')!r}: only WarmupDecayLR "
+                              "(or no scheduler block: dtvg_ds then uses warmup + linear decay)")
+        r.link(("scheduler", "params", "warmup_num_steps"), "warmup_steps", int)
+        r.link(("scheduler", "params", "total_num_steps"), "max_steps", int)
+        sp = sch.setdefault("params", {})
+        if sp.get("warmup_min_lr") == "auto":
+            sp["warmup_min_lr"] = 0.0
+        # warmup_max_lr is per param group (DTVG has three): filled by the engine.
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage == 3 and zero.get("stage3_param_persistence_threshold", "auto") != "auto":
+        pass  # checked against the prompt size by the engine, which knows r x d
+    tbs = ds.get("train_batch_size", "auto")
+    want = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    if tbs == "auto" or "train_batch_size" not in ds:
+        ds["train_batch_size"] = want
+    elif int(tbs) != want:
+        r.problems.append(
+            f"{path}: train_batch_size = {tbs} but --per_device_train_batch_size "
+            f"{cfg.per_device_train_batch_size} x --gradient_accumulation_steps "
+            f"{cfg.gradient_accumulation_steps} x world size {world_size} = {want}; set it to \"auto\"")
+    leftovers = _find_auto(ds)
+    if leftovers and not r.problems:
+        known_later = {"scheduler.params.warmup_max_lr",
+                       "zero_optimization.stage3_param_persistence_threshold"}
+        bad = [k for k in leftovers if k not in known_later]
+        if bad:
+            r.problems.append(f"{path}: dtvg_ds cannot fill \"auto\" for {bad}; give values")
+    if r.problems:
+        raise ConfigError(r.problems)
+    return ds, r.adopted
+
+
+def _find_auto(node: Any, prefix: str = "") -> list[str]:
+    if isinstance(node, dict):
+        out: list[str] = []
+        for k, v in node.items():
+            out += _find_auto(v, f"{prefix}{k}.")
+        return out
+    return [prefix[:-1]] if node == "auto" else []
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed dict (0 when absent)."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

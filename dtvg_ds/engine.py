@@ -1,0 +1,364 @@
+"""The one training loop: deepspeed.initialize, train, evaluate, checkpoint, export.
+
+Reads top to bottom like the method: load the frozen backbone (partitioned at load under
+ZeRO-3), build the shared prompt init, let the method build its trainable prompt, then for each
+step: the method prepares the step (DTVG regroups), forward with the prompt prepended, backward,
+optimizer step; every `eval_steps` evaluate by generation and keep the best prompt; every
+`save_steps` checkpoint. Finally the best prompt is exported as a prompt artifact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtvg_ds import artifacts, checkpoint, dist
+from dtvg_ds.config import DEMO_MODEL, ConfigError, TrainConfig, read_ds_config, resolve_ds_config
+from dtvg_ds.config import zero_stage as get_zero_stage
+from dtvg_ds.data import batches, metrics
+from dtvg_ds.data.tasks import Task, get_task
+from dtvg_ds.logs import RunLogger, info, progress
+from dtvg_ds.methods import build_method
+from dtvg_ds.methods.base import PromptMethod
+from dtvg_ds.model import (PromptedSeq2Seq, backbone_fingerprint, count_parameters, init_prompt,
+                           load_backbone)
+
+
+class TrainingError(RuntimeError):
+    """A run-time problem the user can act on (message names it)."""
+
+
+@dataclass
+class Best:
+    """The best validation result so far and the prompt that reached it."""
+
+    score: float = -math.inf
+    step: int = -1
+    metrics: dict[str, float] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up
+# ----------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Seed Python and torch RNGs (same seed on every rank: dropout masks differ by data only)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Never write into a non-empty output dir unless --overwrite_output_dir or --resume."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError([f"--output_dir {out}: exists and is not a directory"])
+    busy = out.is_dir() and any(out.iterdir())
+    dist.barrier()  # every rank has looked before rank 0 creates anything
+    if busy and not (cfg.overwrite_output_dir or cfg.resume):
+        raise ConfigError([f"--output_dir {out} is not empty; pass --resume auto to continue "
+                           "that run, --overwrite_output_dir to reuse it, or a new directory"])
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+
+def resolve_model_path(cfg: TrainConfig) -> str:
+    """'demo' -> the locally pretrained tiny T5 (built once by rank 0, cached); else as given."""
+    if cfg.model_name_or_path != DEMO_MODEL:
+        return cfg.model_name_or_path
+    from dtvg_ds.data.demo_backbone import ensure_demo_backbone
+
+    target = Path(cfg.cache_dir) / "demo_backbone"
+    if dist.is_main():
+        ensure_demo_backbone(target, log=info)
+    dist.barrier()  # the others wait for rank 0 to finish building the backbone
+    return str(target)
+
+
+def set_prompt_persistence(ds: dict[str, Any], groups: list[dict[str, Any]]) -> int:
+    """Make ZeRO-3 keep every trainable prompt tensor whole on every rank.
+
+    A parameter is "persistent" (never partitioned away) iff its numel is at most
+    `stage3_param_persistence_threshold`. 'auto' becomes the largest trainable tensor, so the
+    prompt stays whole while every backbone matrix larger than the prompt stays partitioned.
+    A concrete value too small for the prompt is an error.
+    """
+    zero = ds.setdefault("zero_optimization", {})
+    need = max(p.numel() for g in groups for p in g["params"])
+    total = sum(p.numel() for g in groups for p in g["params"])
+    have = zero.get("stage3_param_persistence_threshold", "auto")
+    if have == "auto":
+        zero["stage3_param_persistence_threshold"] = need
+    elif int(have) < need:
+        raise ConfigError([f"zero_optimization.stage3_param_persistence_threshold = {have} is below "
+                           f"the prompt's {need} elements, so ZeRO-3 would partition the prompt; "
+                           "set it to \"auto\" or >= that"])
+    model_cap = zero.get("stage3_model_persistence_threshold", "auto")
+    if model_cap == "auto":
+        zero.pop("stage3_model_persistence_threshold", None)
+    elif int(model_cap) < total:
+        raise ConfigError([f"zero_optimization.stage3_model_persistence_threshold = {model_cap} "
+                           f"is below the {total} trainable prompt elements; set it to \"auto\""])
+    return int(zero["stage3_param_persistence_threshold"])
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return f
+
+
+def configure_schedule(ds: dict[str, Any], groups: list[dict[str, Any]], cfg: TrainConfig):
+    """Fill the JSON WarmupDecayLR's per-group peak LRs, or return our own warmup+linear decay."""
+    sch = ds.get("scheduler")
+    if sch is not None:
+        params = sch.setdefault("params", {})
+        if params.get("warmup_max_lr", "auto") == "auto":
+            params["warmup_max_lr"] = [g["lr"] for g in groups]
+        return None
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
+
+
+def _device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, dist.local_rank())
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------
+
+def _resident_ok(cfg: TrainConfig, model: torch.nn.Module) -> bool:
+    """Decide (on rank 0, broadcast) whether the whole backbone fits gathered for evaluation."""
+    if cfg.eval_gather_backbone != "auto":
+        return cfg.eval_gather_backbone == "always"
+    from deepspeed.accelerator import get_accelerator
+
+    need = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
+               for p in model.parameters())
+    fits = need < 0.5 * get_accelerator().available_memory(dist.local_rank())
+    return bool(dist.broadcast_object(fits))  # all ranks must take the same path
+
+
+@torch.no_grad()
+def evaluate(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, task: Task,
+             tokenizer: Any, cfg: TrainConfig, zero_stage: int) -> dict[str, float]:
+    """Generate on every rank's shard, gather predictions, score on rank 0, broadcast."""
+    model.eval()
+    rank, world, bs = dist.rank(), dist.world_size(), cfg.per_device_eval_batch_size
+    shard = list(range(rank, len(enc), world))
+    # Same number of generate() calls on every rank: under synced ZeRO-3 generation a rank that
+    # stopped early would leave the others waiting in an all-gather forever.
+    n_calls = math.ceil(math.ceil(len(enc) / world) / bs)
+    preds: list[tuple[int, str]] = []
+    dev = _device()
+    t0 = time.time()
+    with dist.backbone_resident(engine, model, zero_stage == 3 and _resident_ok(cfg, model)) as res:
+        synced = zero_stage == 3 and not res
+        for i in range(n_calls):
+            idx = shard[i * bs:(i + 1) * bs]
+            real = len(idx)
+            idx = idx or [0]  # a dummy batch keeps this rank in step; its output is dropped
+            b = batches.collate(enc, idx, tokenizer.pad_token_id)
+            out = model.generate(b["input_ids"].to(dev), b["attention_mask"].to(dev),
+                                 max_new_tokens=cfg.generation_max_length, synced_gpus=synced)
+            text = tokenizer.batch_decode(out, skip_special_tokens=True)
+            preds += list(zip(idx[:real], text[:real], strict=True))
+    everything = dist.gather_objects(preds)  # collective: every rank sends its predictions
+    result: dict[str, float] = {}
+    if dist.is_main():
+        merged = sorted(p for part in everything for p in part)
+        result = metrics.compute(task.metric, [t for _, t in merged],
+                                 [enc.target_text[i] for i, _ in merged], task.labels)
+        result["eval_seconds"] = time.time() - t0
+        result["eval_samples_per_second"] = len(merged) / max(result["eval_seconds"], 1e-9)
+        result["eval_backbone_resident"] = float(res)
+    model.train()
+    return dist.broadcast_object(result)  # collective: every rank needs the score (best ckpt)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything a training run holds once set up."""
+
+    cfg: TrainConfig
+    ds: dict[str, Any]
+    task: Task
+    tokenizer: Any
+    train: batches.Encoded
+    valid: batches.Encoded
+    model: PromptedSeq2Seq
+    method: PromptMethod
+    engine: Any
+    zero_stage: int
+    model_path: str
+    meta: dict[str, Any]
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Process group, data, backbone, method and DeepSpeed engine (all ranks)."""
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    dist.init()
+    ds, adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed), dist.world_size(),
+                                    cfg.deepspeed)
+    for k, v in adopted.items():
+        info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
+    check_output_dir(cfg)
+    seed_everything(cfg.seed)
+    task = get_task(cfg.task, cfg.data_dir)
+    model_path = resolve_model_path(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train = batches.encode(task.load("train", cfg.data_dir, cfg.max_train_samples), tokenizer,
+                           cfg.max_source_length, cfg.max_target_length)
+    valid = batches.encode(task.load("validation", cfg.data_dir, cfg.max_eval_samples), tokenizer,
+                           cfg.max_source_length, cfg.max_target_length)
+    stage = get_zero_stage(ds)
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    keep_alive = None
+    if stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Must exist *before* from_pretrained so that loading runs under zero.Init and each
+        # rank only ever holds its 1/N partition of the backbone.
+        keep_alive = HfDeepSpeedConfig(ds)
+    backbone = load_backbone(model_path, dtype)
+    trainable, frozen = count_parameters(backbone)
+    if trainable:
+        raise TrainingError(f"{trainable} backbone parameters are trainable; expected 0")
+    p_init = init_prompt(backbone, cfg.num_virtual_tokens, cfg.prompt_init, cfg.prompt_init_seed,
+                         cfg.prompt_init_vocab_range)
+    meta = {
+        "task": cfg.task, "backbone": cfg.model_name_or_path if cfg.model_name_or_path != DEMO_MODEL
+        else "demo", "backbone_fingerprint": backbone_fingerprint(backbone.config),
+        "init_method": cfg.prompt_init, "init_seed": cfg.prompt_init_seed,
+        "init_fingerprint": artifacts.tensor_fingerprint(p_init),
+    }
+    method = build_method(cfg, p_init, meta)
+    model = PromptedSeq2Seq(method, backbone)
+    groups = method.param_groups(cfg)
+    if stage == 3:
+        set_prompt_persistence(ds, groups)
+    n_prompt = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO partitions them
+    schedule = configure_schedule(ds, groups, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
+                                           lr_scheduler=schedule)
+    del keep_alive
+    info(f"backbone {model_path}: {frozen:,} frozen parameters (0 trainable); prompt "
+         f"{n_prompt:,} trainable; ZeRO stage {stage}; world size {dist.world_size()}")
+    return Run(cfg, ds, task, tokenizer, train, valid, model, method, engine, stage, model_path,
+               meta)
+
+
+def _to(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
+def _best_tensors(method: PromptMethod) -> dict[str, torch.Tensor]:
+    return {"prompt": method.export_prompt(), **method.extra_tensors()}
+
+
+def export(run: Run, best: Best, steps: int) -> Path:
+    """Write the best prompt as the run's prompt artifact (rank 0, atomically)."""
+    out = Path(run.cfg.output_dir)
+    if dist.is_main():
+        extra = {k: v for k, v in best.tensors.items() if k != "prompt"}
+        meta = {**run.meta, "method": run.method.name, "steps": steps,
+                "best_metric": artifacts.best_metric(run.task.metric, best.score, best.step),
+                "extra": {"metrics": best.metrics, **run.method.artifact_meta()}}
+        artifacts.save_artifact(out, best.tensors["prompt"], run.method.p_init, meta, extra)
+    dist.barrier()  # the artifact exists before any rank reports success
+    return out
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training end to end; returns a summary (same on all ranks)."""
+    run = setup(cfg)
+    engine, method, dev = run.engine, run.method, _device()
+    rank, world = dist.rank(), dist.world_size()
+    logger = RunLogger(cfg.output_dir, cfg.report_to == "tensorboard")
+    if dist.is_main():
+        artifacts.atomic_write_json(Path(cfg.output_dir) / "run_config.json",
+                                    {"config": cfg.to_dict(), "deepspeed": run.ds,
+                                     "world_size": world})
+    best, step = Best(), 0
+    resume_dir = checkpoint.find_resume(cfg.output_dir, cfg.resume)
+    if resume_dir is not None:
+        state, best_t = checkpoint.load(engine, resume_dir)
+        step = state["step"]
+        best = Best(state["best_score"], state["best_step"], state["best_metrics"], best_t)
+        info(f"resumed from {resume_dir} at step {step}")
+    accum, mb = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
+    engine.train()
+    bar = progress(cfg.max_steps, step)
+    loss_sum, loss_n, t_last = 0.0, 0, time.time()
+    while step < cfg.max_steps:
+        record = method.on_step_start(step)
+        if record is not None:
+            logger.log({"step": step, **record})
+        for micro in range(accum):
+            idx = batches.micro_batch_indices(len(run.train), cfg.seed, step * accum + micro,
+                                              mb, rank, world)
+            out = engine(**_to(batches.collate(run.train, idx, run.tokenizer.pad_token_id), dev))
+            engine.backward(out.loss)
+            engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
+            loss_sum += float(out.loss.detach())
+            loss_n += 1
+        step += 1
+        bar.update(1)
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"step {step}: loss is {loss_sum}; lower --learning_rate")
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            loss = sum(dist.gather_objects(loss_sum / loss_n)) / world  # collective: all ranks
+            now = time.time()
+            rec = {"step": step, "loss": loss, "lr": engine.get_lr()[0],
+                   "steps_per_second": cfg.logging_steps / max(now - t_last, 1e-9)}
+            logger.log(rec)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            loss_sum, loss_n, t_last = 0.0, 0, now
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
+            res = evaluate(engine, run.model, run.valid, run.task, run.tokenizer, cfg,
+                           run.zero_stage)
+            logger.log({"step": step, **{f"eval_{k}" if not k.startswith("eval") else k: v
+                                         for k, v in res.items()}})
+            if res["score"] > best.score:
+                best = Best(res["score"], step, res, _best_tensors(method))
+                export(run, best, step)
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+            checkpoint.save(engine, cfg.output_dir, step,
+                            {"best_score": best.score, "best_step": best.step,
+                             "best_metrics": best.metrics}, best.tensors, cfg.save_total_limit)
+    bar.close()
+    if not best.tensors:  # resumed at max_steps, or eval never ran: export the current prompt
+        best = Best(best.score, step, best.metrics, _best_tensors(method))
+    out = export(run, best, step)
+    logger.close()
+    summary = {"output_dir": str(out), "best_score": best.score, "best_step": best.step,
+               "metric": run.task.metric, "best_metrics": best.metrics, "steps": step}
+    info(f"done: {cfg.task} best {run.task.metric} {best.score:.2f} at step {best.step}; "
+         f"prompt artifact in {out}")
+    return summary
+
+
+def configure_threads() -> None:
+    """On CPU, one thread per rank unless the user set OMP_NUM_THREADS (ranks share cores)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)

@@ -1,0 +1,53 @@
+"""What a method is: a module whose forward() returns this step's r x d prompt.
+
+The engine owns the loop; a method only says which tensors are trainable (with their learning
+rates), how the prompt of a step is built, what happens at the start of a step (DTVG regroups),
+what it logs, and what it exports. No method copies another.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtvg_ds import dist
+from dtvg_ds.config import TrainConfig
+
+
+class PromptMethod(nn.Module, abc.ABC):
+    """Base class. `p_init` is the shared fp32 init, kept outside the module on purpose: it is
+    frozen, must stay fp32 when the engine casts the module to bf16, and is not checkpointed."""
+
+    name = "base"
+
+    def __init__(self, p_init: torch.Tensor):
+        super().__init__()
+        self.p_init = p_init.detach().float().clone()
+
+    @abc.abstractmethod
+    def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
+        """Optimizer parameter groups (each with `params`, `lr`, `weight_decay`, `name`)."""
+
+    def on_step_start(self, step: int) -> dict[str, Any] | None:
+        """Called on every rank before each optimizer step; may return a record to log."""
+        return None
+
+    def export_prompt(self) -> torch.Tensor:
+        """The static prompt for evaluation/export (full, fp32, CPU). All ranks call it."""
+        with dist.gathered(list(self.parameters())):
+            return self().detach().float().cpu().clone()
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Additional tensors saved in the exported artifact (all ranks call it)."""
+        return {}
+
+    def artifact_meta(self) -> dict[str, Any]:
+        """Method-specific metadata for the artifact's `extra` field."""
+        return {}
+
+    def named_trainable(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the trainable parameters, for replica fingerprints."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]

@@ -1,0 +1,133 @@
+"""The frozen backbone and the one prompt wrapper every method plugs into.
+
+`PromptedSeq2Seq` prepends the r x d prompt produced by a method module (PT: a parameter; DTVG:
+the merged P_mix; ...) to the encoder input embeddings and extends the attention mask. It is
+ZeRO-3 aware: the backbone may be partitioned (loaded under `HfDeepSpeedConfig`), the prompt
+module is whole on every rank (ZeRO persistence, set by the engine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtvg_ds import dist
+
+# Config keys that describe where/how a checkpoint was saved rather than the network itself.
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                         "architectures", "_commit_hash", "use_cache", "output_hidden_states",
+                         "output_attentions", "return_dict"}
+
+
+class ModelLoadError(ValueError):
+    """The backbone could not be loaded; the message says why and what to do."""
+
+
+def backbone_fingerprint(config: Any) -> str:
+    """Hash of the backbone's architecture config (not its path): TPVs are comparable iff equal."""
+    d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_backbone(name_or_path: str, dtype: torch.dtype) -> nn.Module:
+    """Load a seq2seq backbone through `from_pretrained` and freeze every parameter.
+
+    Under ZeRO-3 the caller keeps an `HfDeepSpeedConfig` alive so that `from_pretrained` runs
+    inside `zero.Init` and each rank only ever materialises its 1/N partition.
+    """
+    from transformers import AutoModelForSeq2SeqLM
+
+    local = Path(name_or_path)
+    if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
+        raise ModelLoadError(f"--model_name_or_path {name_or_path}: no such directory; pass a "
+                             "local model dir (with config.json) or a Hub id")
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=dtype)
+    except OSError as e:
+        raise ModelLoadError(f"--model_name_or_path {name_or_path}: could not load ({e}). "
+                             "Check the path / Hub id, or run with HF_HUB_OFFLINE=0") from None
+    model.requires_grad_(False)
+    return model
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) element counts, using full (not partitioned) sizes under ZeRO-3."""
+    trainable = frozen = 0
+    for p in module.parameters():
+        n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        if p.requires_grad:
+            trainable += n
+        else:
+            frozen += n
+    return trainable, frozen
+
+
+def embedding_dim(backbone: nn.Module) -> int:
+    """d of the backbone's input embeddings."""
+    return int(backbone.config.d_model)
+
+
+def init_prompt(backbone: nn.Module, num_tokens: int, method: str, seed: int,
+                vocab_range: int = 5000) -> torch.Tensor:
+    """The shared, seeded prompt init P_init (r x d, fp32, CPU), identical on every rank.
+
+    'vocab': r rows of the embedding matrix E, drawn without replacement from the first
+    `vocab_range` ids (T5's vocabulary is roughly frequency ordered). Under ZeRO-3 E is a [0]
+    placeholder, so it is read inside a gather (all ranks call this). 'uniform': U(-0.5, 0.5).
+    """
+    d = embedding_dim(backbone)
+    g = torch.Generator().manual_seed(seed)
+    if method == "uniform":
+        return torch.rand(num_tokens, d, generator=g) - 0.5
+    emb = backbone.get_input_embeddings().weight
+    with dist.gathered([emb]):
+        vocab = emb.shape[0]
+        pool = min(vocab_range, vocab)
+        if num_tokens > pool:
+            raise ValueError(f"--num_virtual_tokens {num_tokens} exceeds the init pool of {pool} "
+                             "ids; raise --prompt_init_vocab_range or use --prompt_init uniform")
+        rows = torch.randperm(pool, generator=g)[:num_tokens]
+        return emb.detach()[rows].float().cpu().clone()
+
+
+class PromptedSeq2Seq(nn.Module):
+    """Frozen encoder-decoder + a prompt module whose forward() returns the r x d prompt."""
+
+    def __init__(self, prompter: nn.Module, backbone: nn.Module):
+        super().__init__()
+        # The prompter is registered first on purpose: ZeRO-3 marks parameters persistent in
+        # registration order under a total budget, and the prompt must win that budget.
+        self.prompter = prompter
+        self.backbone = backbone
+
+    def embed(self, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[prompt; token embeddings] and the attention mask extended by r ones."""
+        prompt = self.prompter()  # calling the module lets ZeRO-3 fetch its parameters
+        tokens = self.backbone.get_input_embeddings()(input_ids)
+        b, r = input_ids.shape[0], prompt.shape[0]
+        embeds = torch.cat([prompt.to(tokens.dtype).unsqueeze(0).expand(b, -1, -1), tokens], 1)
+        mask = torch.cat([attention_mask.new_ones(b, r), attention_mask], 1)
+        return embeds, mask
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> Any:
+        """Seq2seq output (with `.loss`: token cross-entropy on the labels, -100 ignored)."""
+        embeds, mask = self.embed(input_ids, attention_mask)
+        return self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 max_new_tokens: int, synced_gpus: bool = False) -> torch.Tensor:
+        """Greedy decoding with the prompt; `synced_gpus` must be True on every rank under
+        ZeRO-3 unless the backbone is resident (see `dist.backbone_resident`)."""
+        embeds, mask = self.embed(input_ids, attention_mask)
+        return self.backbone.generate(inputs_embeds=embeds, attention_mask=mask,
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      num_beams=1, synced_gpus=synced_gpus)
