@@ -59,6 +59,8 @@ class TrainConfig:
     overwrite_output_dir: bool = _f(False, "allow writing into a non-empty output_dir")
     resume: str = _f("", "'auto' (newest checkpoint in output_dir) or a checkpoint dir")
     seed: int = _f(42, "training seed (data order, dropout)")
+    stop_at_step: int = _f(0, "checkpoint and stop at this step as if interrupted (0 = off); "
+                              "for time-boxed jobs: resume later with --resume auto")
     debug: bool = _f(False, "show full tracebacks on errors")
 
     # --- data ---
@@ -226,7 +228,7 @@ def validate(cfg: TrainConfig) -> list[str]:
                  "prompt_init_vocab_range", "save_total_limit"):
         if getattr(cfg, name) < 1:
             probs.append(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
-    for name in ("eval_steps", "save_steps", "logging_steps", "warmup_steps", "max_train_samples",
+    for name in ("stop_at_step", "eval_steps", "save_steps", "logging_steps", "warmup_steps", "max_train_samples",
                  "max_eval_samples", "fingerprint_every"):
         if getattr(cfg, name) < 0:
             probs.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")

@@ -342,10 +342,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if res["score"] > best.score:
                 best = Best(res["score"], step, res, _best_tensors(method))
                 export(run, best, step)
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps:
+        stopping = step == cfg.stop_at_step
+        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or stopping:
             checkpoint.save(engine, cfg.output_dir, step,
                             {"best_score": best.score, "best_step": best.step,
                              "best_metrics": best.metrics}, best.tensors, cfg.save_total_limit)
+        if stopping:
+            info(f"stopped at step {step} (--stop_at_step); continue with --resume auto")
+            bar.close()
+            return {"output_dir": cfg.output_dir, "stopped_at": step}
     bar.close()
     if not best.tensors:  # resumed at max_steps, or eval never ran: export the current prompt
         best = Best(best.score, step, best.metrics, _best_tensors(method))

@@ -170,7 +170,10 @@ def test_kc_matches_definition_loop(n, seed, data):
 
 def vec(mean_row: list[float], delta: list[float]) -> list[list[float]]:
     """An r=2 matrix whose rows are mean +/- delta (so only the mean survives the pooling)."""
-    return [[m + e for m, e in zip(mean_row, delta)], [m - e for m, e in zip(mean_row, delta)]]
+    return [
+        [m + e for m, e in zip(mean_row, delta, strict=True)],
+        [m - e for m, e in zip(mean_row, delta, strict=True)],
+    ]
 
 
 # Constructed case, d=2, target mean [1, 0]:
@@ -430,7 +433,7 @@ def test_merge_gradients_reach_only_selected_sources():
 
 
 def loop_cos(x: list[float], y: list[float]) -> float:
-    dot = sum(a * b for a, b in zip(x, y))
+    dot = sum(a * b for a, b in zip(x, y, strict=True))
     return dot / (math.sqrt(sum(a * a for a in x)) * math.sqrt(sum(b * b for b in y)))
 
 
@@ -516,7 +519,7 @@ def loop_kl_loss(s: torch.Tensor, te: torch.Tensor, temp: float, mask) -> float:
                 continue
             ls = torch.log_softmax(s[b, i].double() / temp, dim=-1).tolist()
             lt = torch.log_softmax(te[b, i].double() / temp, dim=-1).tolist()
-            total += sum(math.exp(q) * (q - p) for p, q in zip(ls, lt))
+            total += sum(math.exp(q) * (q - p) for p, q in zip(ls, lt, strict=True))
             count += 1
     return total / count * temp**2
 

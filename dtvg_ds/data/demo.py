@@ -93,7 +93,9 @@ LEXICONS: dict[str, tuple[str, ...]] = {
 
 # Words used by task prefixes (only in backbone pretraining) and by the sentence marker.
 SENTENCE_MARKER = "sentence :"
-PREFIX_WORDS = _words("sentence : sentiment alpha beta gamma flip contains number color animal food")
+PREFIX_WORDS = _words(
+    "sentence : sentiment alpha beta gamma flip contains number color animal food"
+)
 
 
 def sentiment_block(block: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
