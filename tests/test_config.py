@@ -1,0 +1,139 @@
+"""Config: dataclass -> CLI (+ YAML), validation that collects every problem, and the
+reconciliation of shared settings with the DeepSpeed JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dtvg_ds.config import ConfigError, parse_config, read_ds_config, resolve_ds_config
+from tests.conftest import ROOT
+
+BASE = ["--task", "senti_a", "--output_dir", "/tmp/x"]
+
+
+def test_hf_trainer_flag_names_parse():
+    cfg = parse_config(BASE + ["--learning_rate", "0.1", "--per_device_train_batch_size", "4",
+                               "--gradient_accumulation_steps", "2", "--max_steps", "7",
+                               "--eval_steps", "3", "--save_steps", "5", "--seed", "9",
+                               "--bf16", "--max_source_length", "64"])
+    assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+            cfg.max_steps, cfg.eval_steps, cfg.save_steps, cfg.seed, cfg.bf16,
+            cfg.max_source_length) == (0.1, 4, 2, 7, 3, 5, 9, True, 64)
+    assert "learning_rate" in cfg.explicit and "warmup_steps" not in cfg.explicit
+
+
+def test_yaml_then_cli_override(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("task: senti_b\nlearning_rate: 0.05\nmax_steps: 11\n")
+    cfg = parse_config(["--config", str(y), "--output_dir", "o", "--max_steps", "3"])
+    assert (cfg.task, cfg.learning_rate, cfg.max_steps) == ("senti_b", 0.05, 3)
+
+
+def test_yaml_unknown_key_named(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("task: a\nlearnin_rate: 1\n")
+    with pytest.raises(ConfigError, match="learnin_rate"):
+        parse_config(["--config", str(y), "--output_dir", "o"])
+
+
+def test_validation_collects_all_problems():
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--method", "nope", "--max_steps", "0", "--fp16", "--learning_rate", "-1"])
+    msg = str(e.value)
+    for needle in ("--method 'nope'", "--task is required", "--output_dir is required",
+                   "--max_steps must be >= 1", "--fp16", "--learning_rate must be > 0"):
+        assert needle in msg
+    assert len(e.value.problems) >= 6
+
+
+def test_unknown_flag_is_a_config_error():
+    with pytest.raises(ConfigError, match="unrecognized arguments: --lr"):
+        parse_config(BASE + ["--lr", "0.1"])
+
+
+def _ds():
+    return read_ds_config(str(ROOT / "ds_configs" / "zero3.json"))
+
+
+def test_auto_values_are_filled_from_the_config():
+    cfg = parse_config(BASE + ["--per_device_train_batch_size", "4",
+                               "--gradient_accumulation_steps", "3", "--bf16"])
+    ds, adopted = resolve_ds_config(cfg, _ds(), world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 24
+    assert ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["lr"] == cfg.learning_rate
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert ds["gradient_clipping"] == 1.0
+    assert adopted == {}
+
+
+def test_concrete_json_value_is_adopted_when_flag_not_given():
+    ds = _ds()
+    ds["train_micro_batch_size_per_gpu"] = 16
+    cfg = parse_config(BASE)
+    out, adopted = resolve_ds_config(cfg, ds, world_size=1)
+    assert cfg.per_device_train_batch_size == 16 and adopted == {"per_device_train_batch_size": 16}
+    assert out["train_batch_size"] == 16
+
+
+def test_conflict_names_both_settings():
+    ds = _ds()
+    ds["train_micro_batch_size_per_gpu"] = 16
+    ds["optimizer"]["params"]["lr"] = 0.01
+    cfg = parse_config(BASE + ["--per_device_train_batch_size", "4", "--learning_rate", "0.3"])
+    with pytest.raises(ConfigError) as e:
+        resolve_ds_config(cfg, ds, world_size=1, path="my.json")
+    msg = str(e.value)
+    assert "train_micro_batch_size_per_gpu = 16" in msg and "--per_device_train_batch_size" in msg
+    assert "optimizer.params.lr = 0.01" in msg and "--learning_rate" in msg
+
+
+def test_train_batch_size_must_divide():
+    ds = _ds()
+    ds["train_batch_size"] = 10
+    cfg = parse_config(BASE + ["--per_device_train_batch_size", "4"])
+    with pytest.raises(ConfigError, match="train_batch_size = 10"):
+        resolve_ds_config(cfg, ds, world_size=2)
+
+
+def test_fp16_json_refused():
+    ds = _ds()
+    ds["fp16"] = {"enabled": True}
+    with pytest.raises(ConfigError, match="fp16"):
+        resolve_ds_config(parse_config(BASE), ds, world_size=1)
+
+
+def test_malformed_json_named(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,}}')
+    with pytest.raises(ConfigError, match="malformed JSON at line 1"):
+        read_ds_config(str(bad))
+    with pytest.raises(ConfigError, match="no such file"):
+        read_ds_config(str(tmp_path / "missing.json"))
+
+
+def test_shipped_configs_resolve():
+    for name in ("zero2.json", "zero3.json"):
+        ds = read_ds_config(str(ROOT / "ds_configs" / name))
+        out, _ = resolve_ds_config(parse_config(BASE), ds, world_size=8)
+        assert json.dumps(out).count('"auto"') <= 1  # only the persistence threshold (engine)
+
+
+def test_launcher_without_launcher_explains(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py")] + BASE,
+                       capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
+                                                            "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2
+    assert "deepspeed --num_gpus" in p.stderr and "torchrun" in p.stderr
+
+
+def test_help_works_without_launcher():
+    p = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--help"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "--per_device_train_batch_size" in p.stdout
