@@ -114,13 +114,13 @@ def save_artifact(out_dir: str | Path, prompt: torch.Tensor, init: torch.Tensor,
     for k, v in (extra_tensors or {}).items():
         tensors[k] = v.detach().float().cpu().contiguous()
     blob = save(tensors)
-    full = {
+    full = {  # derived fields last: they describe the tensors actually written
+        **meta,
         "format_version": FORMAT_VERSION,
         "dtvg_ds_version": __version__,
         "num_tokens": int(prompt.shape[0]),
         "d_model": int(prompt.shape[1]),
         "init_fingerprint": tensor_fingerprint(init),
-        **meta,
         "safetensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
     missing = [k for k in REQUIRED_META if k not in full]

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in _cli_fields():
         container, tp = _base_type(hints[f.name])
         names = [f"--{f.name}", *f.metadata.get("aliases", ())]
-        helptext = f"{f.metadata['help']} (default: {f.default if f.default is not dataclasses.MISSING else '[]'})"
+        default = f.default if f.default is not dataclasses.MISSING else "[]"
+        helptext = f"{f.metadata['help']} (default: {default})"
         if tp is bool:
             p.add_argument(*names, dest=f.name, nargs="?", const=True, type=_str2bool, help=helptext)
         elif container is list:
@@ -228,7 +229,8 @@ def validate(cfg: TrainConfig) -> list[str]:
                  "prompt_init_vocab_range", "save_total_limit"):
         if getattr(cfg, name) < 1:
             probs.append(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
-    for name in ("stop_at_step", "eval_steps", "save_steps", "logging_steps", "warmup_steps", "max_train_samples",
+    for name in ("stop_at_step", "eval_steps", "save_steps", "logging_steps", "warmup_steps",
+                 "max_train_samples",
                  "max_eval_samples", "fingerprint_every"):
         if getattr(cfg, name) < 0:
             probs.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
@@ -253,6 +255,9 @@ def validate(cfg: TrainConfig) -> list[str]:
             probs.append(f"--method {cfg.method} needs --source_tpvs DIR [DIR ...]")
         if cfg.method == "dtvg" and not cfg.target_tpv:
             probs.append("--method dtvg needs --target_tpv DIR (the target's stage-1 artifact)")
+        if cfg.method == "spot" and not cfg.target_tpv and len(cfg.source_tpvs) > 1:
+            probs.append("--method spot with several --source_tpvs needs --target_tpv (to pick "
+                         "the most similar source); generic SPoT takes one mixture prompt")
     elif cfg.target_tpv or cfg.source_tpvs:
         probs.append(f"--target_tpv/--source_tpvs are for dtvg/spot, not --method {cfg.method}")
     return probs

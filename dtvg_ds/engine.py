@@ -25,10 +25,15 @@ from dtvg_ds.config import zero_stage as get_zero_stage
 from dtvg_ds.data import batches, metrics
 from dtvg_ds.data.tasks import Task, get_task
 from dtvg_ds.logs import RunLogger, info, progress
-from dtvg_ds.methods import build_method
+from dtvg_ds.methods import build_method, load_inputs
 from dtvg_ds.methods.base import PromptMethod
-from dtvg_ds.model import (PromptedSeq2Seq, backbone_fingerprint, count_parameters, init_prompt,
-                           load_backbone)
+from dtvg_ds.model import (
+    PromptedSeq2Seq,
+    backbone_fingerprint,
+    count_parameters,
+    init_prompt,
+    load_backbone,
+)
 
 
 class TrainingError(RuntimeError):
@@ -222,6 +227,7 @@ def setup(cfg: TrainConfig) -> Run:
                                     cfg.deepspeed)
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
+    inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
     check_output_dir(cfg)
     seed_everything(cfg.seed)
     task = get_task(cfg.task, cfg.data_dir)
@@ -252,7 +258,7 @@ def setup(cfg: TrainConfig) -> Run:
         "init_method": cfg.prompt_init, "init_seed": cfg.prompt_init_seed,
         "init_fingerprint": artifacts.tensor_fingerprint(p_init),
     }
-    method = build_method(cfg, p_init, meta)
+    method = build_method(cfg, p_init, meta, inputs)
     model = PromptedSeq2Seq(method, backbone)
     groups = method.param_groups(cfg)
     if stage == 3:
@@ -266,6 +272,13 @@ def setup(cfg: TrainConfig) -> Run:
          f"{n_prompt:,} trainable; ZeRO stage {stage}; world size {dist.world_size()}")
     return Run(cfg, ds, task, tokenizer, train, valid, model, method, engine, stage, model_path,
                meta)
+
+
+def check_replicas(method: PromptMethod, step: int) -> str:
+    """Stop loudly if the replicated prompt parameters ever differ between ranks."""
+    named = method.named_trainable()
+    with dist.gathered([p for _, p in named]):
+        return dist.check_replicas(named, step)
 
 
 def _to(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
@@ -295,6 +308,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     engine, method, dev = run.engine, run.method, _device()
     rank, world = dist.rank(), dist.world_size()
     logger = RunLogger(cfg.output_dir, cfg.report_to == "tensorboard")
+    method_log = RunLogger(cfg.output_dir, False, method.log_name)
     if dist.is_main():
         artifacts.atomic_write_json(Path(cfg.output_dir) / "run_config.json",
                                     {"config": cfg.to_dict(), "deepspeed": run.ds,
@@ -305,15 +319,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state, best_t = checkpoint.load(engine, resume_dir)
         step = state["step"]
         best = Best(state["best_score"], state["best_step"], state["best_metrics"], best_t)
+        method.load_extra_state(state["method_state"])
         info(f"resumed from {resume_dir} at step {step}")
     accum, mb = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
     engine.train()
     bar = progress(cfg.max_steps, step)
     loss_sum, loss_n, t_last = 0.0, 0, time.time()
     while step < cfg.max_steps:
-        record = method.on_step_start(step)
+        record = method.on_step_start(step)  # all ranks (DTVG: rank 0 decides, broadcasts)
         if record is not None:
-            logger.log({"step": step, **record})
+            method_log.log(record)
         for micro in range(accum):
             idx = batches.micro_batch_indices(len(run.train), cfg.seed, step * accum + micro,
                                               mb, rank, world)
@@ -324,6 +339,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loss_n += 1
         step += 1
         bar.update(1)
+        if cfg.fingerprint_every and (step % cfg.fingerprint_every == 0 or step == cfg.max_steps):
+            check_replicas(method, step)
         if not math.isfinite(loss_sum):
             raise TrainingError(f"step {step}: loss is {loss_sum}; lower --learning_rate")
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
@@ -346,7 +363,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or stopping:
             checkpoint.save(engine, cfg.output_dir, step,
                             {"best_score": best.score, "best_step": best.step,
-                             "best_metrics": best.metrics}, best.tensors, cfg.save_total_limit)
+                             "best_metrics": best.metrics, "method_state": method.extra_state()},
+                            best.tensors, cfg.save_total_limit)
         if stopping:
             info(f"stopped at step {step} (--stop_at_step); continue with --resume auto")
             bar.close()
@@ -356,6 +374,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         best = Best(best.score, step, best.metrics, _best_tensors(method))
     out = export(run, best, step)
     logger.close()
+    method_log.close()
     summary = {"output_dir": str(out), "best_score": best.score, "best_step": best.step,
                "metric": run.task.metric, "best_metrics": best.metrics, "steps": step}
     info(f"done: {cfg.task} best {run.task.metric} {best.score:.2f} at step {best.step}; "

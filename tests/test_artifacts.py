@@ -7,8 +7,13 @@ import json
 import pytest
 import torch
 
-from dtvg_ds.artifacts import (ArtifactError, check_compatible, load_artifact, save_artifact,
-                               tensor_fingerprint)
+from dtvg_ds.artifacts import (
+    ArtifactError,
+    check_compatible,
+    load_artifact,
+    save_artifact,
+    tensor_fingerprint,
+)
 
 
 def _meta(**kw):

@@ -8,12 +8,23 @@ import torch
 
 from dtvg_ds.config import TrainConfig
 from dtvg_ds.methods.base import PromptMethod
+from dtvg_ds.methods.inputs import MethodInputs, check_against_run, load_inputs
+
+__all__ = ["PromptMethod", "build_method", "load_inputs"]
 
 
-def build_method(cfg: TrainConfig, p_init: torch.Tensor, meta: dict[str, Any]) -> PromptMethod:
-    """The method module of `cfg.method`, built from the shared init (and artifacts it names)."""
+def build_method(cfg: TrainConfig, p_init: torch.Tensor, meta: dict[str, Any],
+                 inputs: MethodInputs) -> PromptMethod:
+    """The method module of `cfg.method`, built from the shared init and its stage-1 inputs."""
+    from dtvg_ds.methods.dtvg import DTVG
     from dtvg_ds.methods.pt import PromptTuning
+    from dtvg_ds.methods.spot import SPoT
 
+    check_against_run(inputs, meta, p_init)
     if cfg.method == "pt":
         return PromptTuning(p_init)
+    if cfg.method == "spot":
+        return SPoT(p_init, inputs, cfg.spot_per_token)
+    if cfg.method == "dtvg":
+        return DTVG(p_init, inputs, cfg)
     raise ValueError(f"--method {cfg.method!r} is not available")

@@ -22,6 +22,7 @@ class PromptMethod(nn.Module, abc.ABC):
     frozen, must stay fp32 when the engine casts the module to bf16, and is not checkpointed."""
 
     name = "base"
+    log_name = "method.jsonl"  # where records returned by on_step_start go
 
     def __init__(self, p_init: torch.Tensor):
         super().__init__()
@@ -47,6 +48,13 @@ class PromptMethod(nn.Module, abc.ABC):
     def artifact_meta(self) -> dict[str, Any]:
         """Method-specific metadata for the artifact's `extra` field."""
         return {}
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-able method state beyond the parameters, saved in checkpoints (e.g. the group)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` returned."""
 
     def named_trainable(self) -> list[tuple[str, torch.Tensor]]:
         """(name, tensor) of the trainable parameters, for replica fingerprints."""

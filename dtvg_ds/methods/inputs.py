@@ -1,0 +1,85 @@
+"""Stage-1 artifacts a method starts from (DTVG, SPoT): loaded and validated before training.
+
+Everything is checked before the backbone is even loaded: files exist and are intact, no NaN/Inf,
+no source given twice, the target not among its own sources, and all artifacts share P_init,
+backbone, r and d. Prompt length and init settings not given on the command line are taken from
+the target artifact, so `--num_virtual_tokens` need not be repeated for stage 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtvg_ds.artifacts import ArtifactError, PromptArtifact, check_compatible, load_artifact
+from dtvg_ds.config import TrainConfig
+
+# Settings that define P_init; adopted from the target artifact unless given explicitly.
+_INIT_SETTINGS = (("num_virtual_tokens", "num_tokens"), ("prompt_init", "init_method"),
+                  ("prompt_init_seed", "init_seed"))
+
+
+@dataclass
+class MethodInputs:
+    """The validated stage-1 artifacts of a stage-2 run."""
+
+    target: PromptArtifact | None
+    sources: list[PromptArtifact]
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+
+def load_inputs(cfg: TrainConfig) -> MethodInputs:
+    """Load and cross-check --target_tpv / --source_tpvs (no-op for methods without them)."""
+    if cfg.method not in ("dtvg", "spot"):
+        return MethodInputs(None, [])
+    seen: dict[Path, str] = {}
+    names: dict[str, str] = {}
+    target = load_artifact(cfg.target_tpv) if cfg.target_tpv else None
+    if target is not None:
+        seen[Path(cfg.target_tpv).resolve()] = "--target_tpv"
+    sources = []
+    for path in cfg.source_tpvs:
+        key = Path(path).resolve()
+        if key in seen:
+            what = "the target (--target_tpv)" if seen[key] == "--target_tpv" else "twice"
+            raise ArtifactError(f"--source_tpvs {path}: given {what}; each source once, and "
+                                "the target is never its own source")
+        seen[key] = path
+        art = load_artifact(path)
+        if target is not None and art.name == target.name:
+            raise ArtifactError(f"--source_tpvs {path}: is task {art.name!r}, the target itself; "
+                                "drop it from the sources")
+        if art.name in names:
+            raise ArtifactError(f"--source_tpvs {path}: task {art.name!r} is already given by "
+                                f"{names[art.name]}; pass each source task once")
+        names[art.name] = path
+        sources.append(art)
+    check_compatible(([target] if target else []) + sources)
+    ref = target or sources[0]
+    for flag, key in _INIT_SETTINGS:
+        if flag not in cfg.explicit:
+            setattr(cfg, flag, ref.meta[key])
+        elif getattr(cfg, flag) != ref.meta[key]:
+            raise ArtifactError(f"--{flag} {getattr(cfg, flag)!r} differs from {ref.path} "
+                                f"({key} = {ref.meta[key]!r}); drop the flag to use the "
+                                "artifact's value")
+    return MethodInputs(target, sources)
+
+
+def check_against_run(inputs: MethodInputs, meta: dict[str, Any], p_init: torch.Tensor) -> None:
+    """The artifacts must come from this backbone and this exact P_init."""
+    for art in ([inputs.target] if inputs.target else []) + inputs.sources:
+        if art.meta["backbone_fingerprint"] != meta["backbone_fingerprint"]:
+            raise ArtifactError(f"{art.path}: trained on backbone {art.meta['backbone']!r} "
+                                f"(fingerprint {art.meta['backbone_fingerprint']}), not on "
+                                f"{meta['backbone']!r}; pass the --model_name_or_path it used")
+        if not torch.equal(art.init, p_init):
+            raise ArtifactError(f"{art.path}: its P_init differs from this run's (fingerprint "
+                                f"{art.meta['init_fingerprint']} vs {meta['init_fingerprint']}); "
+                                "use the --prompt_init/--prompt_init_seed stage 1 used")

@@ -1,0 +1,148 @@
+"""Stage 2 (DTVG) and SPoT on 2 CPU ranks under ZeRO-3, from constructed stage-1 artifacts whose
+right group is known; plus the input validation that runs before any training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dtvg_ds.artifacts import ArtifactError, load_artifact, save_artifact
+from dtvg_ds.config import parse_config
+from dtvg_ds.methods.inputs import check_against_run, load_inputs
+from tests.conftest import ROOT, launch, read_jsonl, train_args
+
+TRAIN = ROOT / "launchers" / "train.py"
+
+
+def _p_init(model_dir):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from dtvg_ds.model import backbone_fingerprint, init_prompt
+
+    bb = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    return init_prompt(bb, 8, "vocab", 0), backbone_fingerprint(bb.config)
+
+
+def make_tpvs(model_dir, root):
+    """Target along +v; a, b along +v (a more); c along -v; d mostly -v plus noise."""
+    p_init, fp = _p_init(model_dir)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(64, generator=g)
+    rows = torch.ones(8, 1)
+    vectors = {"target_t": 0.10 * rows * v, "src_a": 0.09 * rows * v, "src_b": 0.05 * rows * v,
+               "src_c": -0.10 * rows * v,
+               "src_d": -0.05 * rows * v + 0.02 * torch.randn(8, 64, generator=g)}
+    paths = {}
+    for name, vec in vectors.items():
+        paths[name] = root / name
+        save_artifact(paths[name], p_init + vec, p_init, {
+            "task": name, "backbone": str(model_dir), "backbone_fingerprint": fp,
+            "init_method": "vocab", "init_seed": 0, "steps": 1, "method": "pt",
+            "best_metric": {"name": "accuracy", "value": 50.0, "step": 1}})
+    return paths, vectors
+
+
+@pytest.fixture(scope="module")
+def tpvs(tiny_model, tmp_path_factory):
+    return make_tpvs(tiny_model, tmp_path_factory.mktemp("tpvs"))
+
+
+def _dtvg_args(model, out, paths, **kw):
+    return train_args(model, out, method="dtvg", task="senti_a", target_tpv=str(paths["target_t"]),
+                      source_tpvs=[str(paths[s]) for s in ("src_a", "src_b", "src_c", "src_d")],
+                      learning_rate=1e-4, target_task_scale_learning_rate=1e-4,
+                      source_task_scale_learning_rate=1e-4, max_steps=4, fingerprint_every=2, **kw)
+
+
+@pytest.mark.dist
+def test_dtvg_zero3_two_ranks_known_group(tiny_model, tpvs, tmp_path):
+    paths, vectors = tpvs
+    out = tmp_path / "dtvg"
+    launch(TRAIN, _dtvg_args(tiny_model, out, paths))
+    recs = read_jsonl(out / "groups.jsonl")
+    assert [r["step"] for r in recs] == [0, 1, 2, 3]
+    for r in recs:
+        assert r["positive"] == ["src_a", "src_b"]
+        assert r["group"] == ["src_a", "src_b"] and r["k"] == 2
+        assert r["kc"][0] == 0.0 and r["kc"][1] > 0
+        assert r["ts_threshold"] == 0.0 and r["group_lambda"] == 0.0
+    # TS at step 0 equals the hand computation (all scales are 1 then)
+    t = vectors["target_t"]
+    for name in ("src_a", "src_b", "src_c"):
+        want = float((t.mean(0) * vectors[name].mean(0)).mean())
+        assert recs[0]["ts"][name] == pytest.approx(want, rel=1e-4)
+    traces = [read_jsonl(out / "group_trace" / f"rank{k}.jsonl") for k in range(2)]
+    assert traces[0] == traces[1] and len(traces[0]) == 4  # every rank applied the same group
+    art = load_artifact(out)
+    assert art.meta["method"] == "dtvg" and art.meta["extra"]["group"] == ["src_a", "src_b"]
+    assert art.tensors["scale_target"].shape == (8,)
+    assert art.tensors["scale_sources"].shape == (4, 8)
+    # the exported prompt is P_mix = P_init + a_t T_t + sum a_s T_s over the group (~ at tiny lr)
+    approx = art.init + vectors["target_t"] + vectors["src_a"] + vectors["src_b"]
+    torch.testing.assert_close(art.prompt, approx, atol=5e-3, rtol=0)
+
+
+@pytest.mark.dist
+def test_spot_picks_most_similar_source(tiny_model, tpvs, tmp_path):
+    paths, _ = tpvs
+    out = tmp_path / "spot"
+    launch(TRAIN, train_args(tiny_model, out, method="spot", target_tpv=str(paths["target_t"]),
+                             source_tpvs=[str(paths[s]) for s in ("src_c", "src_b", "src_a")],
+                             max_steps=2))
+    extra = load_artifact(out).meta["extra"]
+    sims = extra["spot_similarities"]
+    # cosine of whole stage-1 prompts (which share P_init): +v sources beat the -v one
+    assert extra["spot_source"] == "src_a" == max(sims, key=sims.get)
+    assert sims["src_a"] > sims["src_b"] > sims["src_c"]
+
+
+@pytest.mark.dist
+def test_bad_stage2_input_exits_2_and_writes_nothing(tiny_model, tpvs, tmp_path):
+    paths, _ = tpvs
+    out = tmp_path / "bad"
+    args = _dtvg_args(tiny_model, out, paths)
+    i = args.index("--source_tpvs")
+    args[i + 1] = str(paths["target_t"])
+    p = launch(TRAIN, args, check=False)
+    assert p.returncode != 0
+    assert "the target is never its own source" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not out.exists()
+
+
+def _cfg(paths, *sources, **kw):
+    argv = ["--method", "dtvg", "--task", "senti_a", "--output_dir", "/tmp/o",
+            "--target_tpv", str(paths["target_t"]), "--source_tpvs", *map(str, sources)]
+    for k, v in kw.items():
+        argv += [f"--{k}", str(v)]
+    return parse_config(argv)
+
+
+def test_input_validation_messages(tpvs, tmp_path, tiny_model):
+    paths, _ = tpvs
+    with pytest.raises(ArtifactError, match="given twice"):
+        load_inputs(_cfg(paths, paths["src_a"], paths["src_a"]))
+    with pytest.raises(ArtifactError, match="never its own source"):
+        load_inputs(_cfg(paths, paths["target_t"]))
+    with pytest.raises(ArtifactError, match="no such artifact directory"):
+        load_inputs(_cfg(paths, tmp_path / "missing"))
+    with pytest.raises(ArtifactError, match="--num_virtual_tokens 5 differs"):
+        load_inputs(_cfg(paths, paths["src_a"], num_virtual_tokens=5))
+    cfg = _cfg(paths, paths["src_a"])
+    inputs = load_inputs(cfg)
+    assert cfg.num_virtual_tokens == 8  # adopted from the target artifact
+    p_init, fp = _p_init(tiny_model)
+    meta = {"backbone": "x", "backbone_fingerprint": fp, "init_fingerprint": "y"}
+    check_against_run(inputs, meta, p_init)
+    with pytest.raises(ArtifactError, match="its P_init differs"):
+        check_against_run(inputs, meta, p_init + 1)
+    with pytest.raises(ArtifactError, match="pass the --model_name_or_path it used"):
+        check_against_run(inputs, {**meta, "backbone_fingerprint": "zzz"}, p_init)
+    # a source from another init is refused before anything runs
+    other = tmp_path / "other"
+    save_artifact(other, torch.ones(8, 64), torch.zeros(8, 64), {
+        **json.loads((paths["src_a"] / "tpv.json").read_text()), "task": "other"})
+    with pytest.raises(ArtifactError, match="prompt init differs"):
+        load_inputs(_cfg(paths, paths["src_a"], other))
