@@ -110,7 +110,7 @@ def mark_span(text: str, span: str, word_index: int, mark: str) -> str:
     located by word position (not by search) so a pronoun that occurs twice is marked at the
     annotated occurrence only.
     """
-    pattern = r"^((?:\S+\s){%d})(%s)" % (word_index, re.escape(span))
+    pattern = r"^((?:\S+\s){" + str(int(word_index)) + "})(" + re.escape(span) + ")"
     marked, n = re.subn(pattern, lambda m: f"{m.group(1)}{mark} {m.group(2)} {mark}", text,
                         count=1)
     if n == 0:

@@ -1,22 +1,35 @@
-"""Task interface and registry: name -> (loader, text-to-text formatter, metric, splits).
+"""Task interface and registry: name -> (Hub source, formatter, papers' splits, metric).
 
-A task yields records `{"source": str, "target": str}`. Built-in demo tasks are generated
-(no download); Hub tasks load with `datasets.load_dataset` by their Hub id, or from local files
-in the same schema with `--data_dir` (json/jsonl/csv/parquet, one file per split); any other
-name with `--data_dir` reads files that already have `source`/`target` columns.
+A task yields records `{"source": str, "target": str}` (plus `"answers"` for multi-answer
+tasks and `"group"` for MultiRC; see `dtvg_ds.data.formats`). Built-in demo tasks are generated
+(no download); every task of ALGORITHMS.md loads from its Hub id with `datasets.load_dataset`,
+or from local files in the same schema with `--data_dir` (json/jsonl/csv/parquet, one file per
+Hub split; see `dtvg_ds.data.sources`); any other name with `--data_dir` reads files that
+already have `source`/`target` columns.
+
+Splits are the papers' (see `dtvg_ds.data.splits`): "train", "validation" (the dev set used for
+best-checkpoint selection) and "test", made deterministically from the `seed` argument.
+`python -m dtvg_ds.tasks` lists the registry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dtvg_ds.data import demo
+from dtvg_ds.data import demo, formats
+from dtvg_ds.data import splits as sp  # not "splits": a Task field has that name
+from dtvg_ds.data.formats import kv
+from dtvg_ds.data.sources import SourceError, hub_rows, local_rows
 
-Record = dict[str, str]
+Record = dict[str, Any]
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+PAPER_SPLITS = ("train", "validation", "test")
+_HUB3 = (("train", "train"), ("validation", "validation"), ("test", "test"))
+_HALVE = (("train", "train"), ("validation", "validation"))   # validation is halved
+_HOLDOUT = (("train", "train"), ("test", "validation"))        # train loses 1K to dev
 
 
 class TaskError(ValueError):
@@ -25,33 +38,116 @@ class TaskError(ValueError):
 
 @dataclass(frozen=True)
 class Task:
-    """A text-to-text task."""
+    """A text-to-text task: where its rows come from, how they are formatted, split and scored.
+
+    `hub_id` is the dataset repository ("nyu-mll/glue"), `hub_config` its configuration
+    ("cola"); `hub_splits` maps each role the split policy needs ("train", "validation",
+    "test") to the Hub split name; `row_filter` keeps rows whose column equals a value (MRQA's
+    `subset`). `train_all_answers` makes one training example per gold answer (ReCoRD, WebNLG);
+    `group_references` merges evaluation rows with the same input into one example with all
+    their references (E2E, CommonGen).
+    """
 
     name: str
     metric: str                          # key of data.metrics.METRICS
-    hub_id: str                          # "demo" for generated tasks, else "path[/subset]"
+    hub_id: str                          # "demo" for generated tasks, else the Hub repository
     splits: tuple[str, ...] = ("train", "validation")
     labels: tuple[str, ...] | None = None   # valid target strings (classification)
     description: str = ""
-    format: Callable[[dict[str, Any]], Record] | None = field(default=None, compare=False)
+    format: Callable[[dict[str, Any]], Record | list[Record]] | None = field(
+        default=None, compare=False)
+    hub_config: str | None = None
+    split_policy: str = sp.HUB
+    hub_splits: tuple[tuple[str, str], ...] = _HUB3
+    row_filter: tuple[str, str] | None = None
+    columns: tuple[str, ...] | None = None
+    train_all_answers: bool = False
+    group_references: bool = False
+    holdout_size: int = sp.HOLDOUT_SIZE
+    balanced_few_shot: bool = True
+    aliases: tuple[str, ...] = ()
 
-    def load(self, split: str, data_dir: str = "", limit: int = 0, seed: int = 0) -> list[Record]:
-        """Records of `split` (all of them, or the first `limit`)."""
+    @property
+    def hub(self) -> str:
+        """The Hub source as users write it: `id`, `id:config`, plus `[column=value]`."""
+        s = self.hub_id + (f":{self.hub_config}" if self.hub_config else "")
+        return s + (f"[{self.row_filter[0]}={self.row_filter[1]}]" if self.row_filter else "")
+
+    def hub_split(self, role: str) -> str:
+        """The Hub split name that plays `role` ("train", "validation" or "test")."""
+        return dict(self.hub_splits)[role]
+
+    def load(self, split: str, data_dir: str = "", limit: int = 0, seed: int = 0,
+             k_shot: int = 0) -> list[Record]:
+        """Records of `split`: "train", "validation" (dev) or "test" (the papers' splits).
+
+        `seed` fixes the dev/test partition, the k-shot sample and the `limit` subsample.
+        `k_shot` > 0 (training split only) keeps k examples, label-balanced for classification
+        tasks. `limit` > 0 keeps at most that many records (`--max_train_samples`,
+        `--max_eval_samples`), a seeded prefix, so a smaller limit is a subset of a larger one.
+        """
         if split not in self.splits:
             raise TaskError(f"task {self.name!r} has no split {split!r} (splits: {self.splits})")
+        if k_shot and split != "train":
+            raise TaskError("k_shot applies to the training split only")
+        shuffled = False
         if self.hub_id == "demo":
-            size = DEMO_SPLIT_SIZES[split] if not limit else limit
+            size = DEMO_SPLIT_SIZES[split] if not limit or k_shot else limit
             recs = demo.generate(self.name, size, demo.split_seed(split, seed))
+            shuffled = True  # generated in random order already
         else:
-            rows = _load_rows(self, split, data_dir)
-            fmt = self.format or _passthrough
-            recs = [fmt(r) for r in rows]
-        if limit:
-            recs = recs[:limit]
+            rows, shuffled = self._rows(split, data_dir, seed)
+            recs = self._records(rows, training=split == "train")
+        if k_shot:
+            recs = sp.few_shot(recs, k_shot, seed,
+                                   self.labels if self.balanced_few_shot else None)
+            shuffled = True
+        recs = sp.subsample(recs, limit, seed, shuffled=shuffled)
         if not recs:
             raise TaskError(f"task {self.name!r}, split {split!r}: no examples; check --data_dir "
                             "or --max_train_samples/--max_eval_samples")
         return recs
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _source(self, role: str, data_dir: str) -> Any:
+        hub_split = self.hub_split(role)
+        try:
+            if data_dir:
+                return local_rows(data_dir, self.name, hub_split, self.row_filter)
+            if self.hub_id.startswith("local:"):
+                raise TaskError(f"task {self.name!r} reads local files: pass --data_dir")
+            return hub_rows(self.hub_id, self.hub_config, hub_split, self.row_filter,
+                            self.columns)
+        except SourceError as e:
+            hint = "" if data_dir else "; pass --data_dir with local files in the Hub schema"
+            raise TaskError(f"task {self.name!r}: {e}{hint}") from None
+
+    def _rows(self, split: str, data_dir: str, seed: int) -> tuple[list[dict[str, Any]], bool]:
+        """Raw rows of our `split` under the split policy, and whether they are shuffled."""
+        if self.split_policy == sp.HALVE and split != "train":
+            src = self._source("validation", data_dir)
+            return src.take(sp.halve_indices(len(src), seed, split)), True
+        if self.split_policy == sp.HOLDOUT and split != "test":
+            src = self._source("train", data_dir)
+            idx = sp.holdout_indices(len(src), seed, split, self.holdout_size)
+            return src.take(idx), True
+        return self._source(split, data_dir).take(), False
+
+    def _records(self, rows: list[dict[str, Any]], training: bool) -> list[Record]:
+        fmt = self.format or _passthrough
+        out: list[Record] = []
+        for row in rows:
+            r = fmt(row)
+            out.extend(r if isinstance(r, list) else [r])
+        if training:
+            if self.train_all_answers:
+                out = [{**r, "target": a} for r in out for a in r.get("answers", [r["target"]])]
+            # A training example needs a target (ReCoRD/WebNLG rows without answers have none).
+            return [r for r in out if r["target"] != ""]
+        if self.group_references:
+            out = _group_by_source(out)
+        return [r for r in out if r["target"] != "" or r.get("answers")]
 
 
 DEMO_SPLIT_SIZES = {"train": 4000, "validation": 400, "test": 400}
@@ -64,49 +160,30 @@ def _passthrough(row: dict[str, Any]) -> Record:
     return {"source": str(row["source"]), "target": str(row["target"])}
 
 
-def _local_file(data_dir: str, split: str) -> Path | None:
-    for ext in FILE_FORMATS:
-        p = Path(data_dir) / f"{split}{ext}"
-        if p.is_file():
-            return p
-    return None
-
-
-def _load_rows(task: Task, split: str, data_dir: str) -> list[dict[str, Any]]:
-    import datasets
-
-    if data_dir:
-        f = _local_file(data_dir, split)
-        if f is None:
-            raise TaskError(f"--data_dir {data_dir}: no {split}.{{jsonl,json,csv,parquet}} for "
-                            f"task {task.name!r}")
-        ds = datasets.load_dataset(FILE_FORMATS[f.suffix], data_files={split: str(f)}, split=split)
-    else:
-        path, _, subset = task.hub_id.partition("/")
-        try:
-            ds = datasets.load_dataset(path, subset or None, split=split)
-        except Exception as e:  # offline, unknown id, ...: one clear line
-            raise TaskError(f"task {task.name!r}: could not load {task.hub_id!r} from the Hub "
-                            f"({type(e).__name__}); pass --data_dir with local files") from None
-    return [dict(r) for r in ds]
-
-
-def _kv(prefix: str, keys: Sequence[str], label: str = "label") -> Callable[[dict], Record]:
-    """The ATTEMPT/DTVG input format: "<task> key1: value1 key2: value2" -> label index."""
-    def fmt(row: dict[str, Any]) -> Record:
-        body = " ".join(f"{k}: {row[k]}" for k in keys)
-        return {"source": f"{prefix} {body}", "target": str(row[label])}
-    return fmt
+def _group_by_source(recs: list[Record]) -> list[Record]:
+    """One evaluation example per distinct input, with every reference of that input."""
+    merged: dict[str, Record] = {}
+    for r in recs:
+        m = merged.get(r["source"])
+        if m is None:
+            merged[r["source"]] = {**r, "answers": list(r.get("answers", [r["target"]]))}
+        else:
+            m["answers"].extend(r.get("answers", [r["target"]]))
+    return list(merged.values())
 
 
 TASKS: dict[str, Task] = {}
+ALIASES: dict[str, str] = {}
 
 
 def register(task: Task) -> Task:
-    """Add a task to the registry (name must be new)."""
-    if task.name in TASKS:
-        raise ValueError(f"task {task.name!r} registered twice")
+    """Add a task (and its aliases) to the registry (names must be new)."""
+    for n in (task.name, *task.aliases):
+        if n in TASKS or n in ALIASES:
+            raise ValueError(f"task {n!r} registered twice")
     TASKS[task.name] = task
+    for a in task.aliases:
+        ALIASES[a] = task.name
     return task
 
 
@@ -115,26 +192,129 @@ for _name, _spec in demo.DEMO_TASKS.items():
                   splits=("train", "validation", "test"), labels=demo.LABEL_WORDS,
                   description=_spec.description))
 
-register(Task("sst2", "accuracy", "glue/sst2", labels=("0", "1"),
-              description="GLUE SST-2 sentiment", format=_kv("sst2", ["sentence"])))
-register(Task("rte", "accuracy", "glue/rte", labels=("0", "1"),
-              description="GLUE RTE entailment", format=_kv("rte", ["sentence1", "sentence2"])))
-register(Task("mrpc", "accuracy_f1", "glue/mrpc", labels=("0", "1"),
-              description="GLUE MRPC paraphrase", format=_kv("mrpc", ["sentence1", "sentence2"])))
-register(Task("cola", "matthews", "glue/cola", labels=("0", "1"),
-              description="GLUE CoLA acceptability", format=_kv("cola", ["sentence"])))
-register(Task("boolq", "accuracy", "super_glue/boolq", labels=("0", "1"),
-              description="SuperGLUE BoolQ", format=_kv("boolq", ["question", "passage"])))
+# ---------------------------------------------------------------------------------------------
+# The zoo: every task of ALGORITHMS.md, with its Hub id, template, split policy and metric.
+# ---------------------------------------------------------------------------------------------
+BINARY, THREE = ("0", "1"), ("0", "1", "2")
+GLUE, SUPERGLUE = "nyu-mll/glue", "aps/super_glue"
+MRQA = "mrqa-workshop/mrqa"
+MRQA_COLUMNS = ("subset", "qid", "question", "context", "answers")
+
+
+def _paper(name: str, metric: str, hub_id: str, config: str | None, policy: str,
+           fmt: Callable[[dict[str, Any]], Record | list[Record]], description: str,
+           labels: tuple[str, ...] | None = None, **kw: Any) -> Task:
+    default_splits = {sp.HALVE: _HALVE, sp.HOLDOUT: _HOLDOUT, sp.HUB: _HUB3}[policy]
+    kw.setdefault("hub_splits", default_splits)
+    return register(Task(name=name, metric=metric, hub_id=hub_id, splits=PAPER_SPLITS,
+                         labels=labels, description=description, format=fmt, hub_config=config,
+                         split_policy=policy, **kw))
+
+
+# GLUE (8). Source tasks of the papers: MNLI, QNLI, QQP, SST-2 (plus ReCoRD and SQuAD below).
+_paper("mnli", "accuracy", GLUE, "mnli", sp.HUB, kv("mnli", ["premise", "hypothesis"]),
+       "GLUE MNLI (dev: validation_mismatched, test: validation_matched)", THREE,
+       hub_splits=(("train", "train"), ("validation", "validation_mismatched"),
+                   ("test", "validation_matched")))
+_paper("qnli", "accuracy", GLUE, "qnli", sp.HOLDOUT, kv("qnli", ["question", "sentence"]),
+       "GLUE QNLI question-answer entailment", BINARY)
+_paper("qqp", "accuracy_f1", GLUE, "qqp", sp.HOLDOUT, kv("qqp", ["question1", "question2"]),
+       "GLUE QQP question paraphrase", BINARY)
+_paper("sst2", "accuracy", GLUE, "sst2", sp.HOLDOUT, kv("sst2", ["sentence"]),
+       "GLUE SST-2 sentiment", BINARY, aliases=("sst-2",))
+_paper("stsb", "pearson_spearman", GLUE, "stsb", sp.HALVE, formats.stsb("stsb"),
+       "GLUE STS-B similarity (target rounded to 0.2)", formats.STSB_LABELS,
+       balanced_few_shot=False, aliases=("sts-b",))
+_paper("mrpc", "accuracy_f1", GLUE, "mrpc", sp.HALVE, kv("mrpc", ["sentence1", "sentence2"]),
+       "GLUE MRPC paraphrase", BINARY)
+_paper("rte", "accuracy", GLUE, "rte", sp.HALVE, kv("rte", ["sentence1", "sentence2"]),
+       "GLUE RTE entailment", BINARY)
+_paper("cola", "matthews", GLUE, "cola", sp.HALVE, kv("cola", ["sentence"]),
+       "GLUE CoLA acceptability", BINARY)
+
+# SuperGLUE: MultiRC, BoolQ, WiC, WSC, CB (targets), RTE, ReCoRD (a source task).
+_paper("multirc", "multirc", SUPERGLUE, "multirc", sp.HALVE, formats.multirc("multirc"),
+       "SuperGLUE MultiRC (F1a over answer options, EM per question)", BINARY,
+       aliases=("superglue-multirc",))
+_paper("boolq", "accuracy", SUPERGLUE, "boolq", sp.HALVE,
+       kv("boolq", ["question", "passage"]), "SuperGLUE BoolQ", BINARY,
+       aliases=("superglue-boolq",))
+_paper("wic", "accuracy", SUPERGLUE, "wic", sp.HALVE,
+       kv("wic", ["sentence1", "sentence2", "word"]), "SuperGLUE WiC", BINARY,
+       aliases=("superglue-wic",))
+_paper("wsc", "accuracy", SUPERGLUE, "wsc.fixed", sp.HALVE, formats.wsc("wsc"),
+       "SuperGLUE WSC (wsc.fixed; * noun *, # pronoun #)", BINARY,
+       aliases=("superglue-wsc", "superglue-wsc.fixed"))
+_paper("cb", "accuracy_macro_f1", SUPERGLUE, "cb", sp.HALVE,
+       kv("cb", ["premise", "hypothesis"]), "SuperGLUE CommitmentBank", THREE,
+       aliases=("superglue-cb",))
+_paper("superglue-rte", "accuracy", SUPERGLUE, "rte", sp.HALVE,
+       kv("superglue-rte", ["premise", "hypothesis"]), "SuperGLUE RTE (premise/hypothesis)",
+       BINARY)
+_paper("record", "squad", SUPERGLUE, "record", sp.HOLDOUT, formats.record("record"),
+       "SuperGLUE ReCoRD (one training example per answer; F1/EM max over answers)",
+       train_all_answers=True, aliases=("superglue-record",))
+
+# Extractive QA: SQuAD (a source task) and the MRQA 2019 in-domain sets.
+_paper("squad", "squad", "rajpurkar/squad", None, sp.HOLDOUT, formats.extractive_qa("squad"),
+       "SQuAD v1.1")
+for _n, _subset, _desc in (("nq", "NaturalQuestionsShort", "Natural Questions"),
+                           ("hotpotqa", "HotpotQA", "HotpotQA"),
+                           ("searchqa", "SearchQA", "SearchQA"),
+                           ("newsqa", "NewsQA", "NewsQA")):
+    _paper(_n, "squad", MRQA, None, sp.HOLDOUT, formats.extractive_qa(_n),
+           f"MRQA 2019 {_desc} (in-domain train/validation)", row_filter=("subset", _subset),
+           columns=MRQA_COLUMNS)
+
+# Others.
+_paper("winogrande", "accuracy", "allenai/winogrande", "winogrande_xl", sp.HOLDOUT,
+       formats.winogrande("winogrande"), "WinoGrande (xl)", BINARY)
+_paper("yelp_polarity", "accuracy", "fancyzhx/yelp_polarity", None, sp.HOLDOUT,
+       kv("yelp_polarity", [("sentence", "text")]), "Yelp-2 polarity (test: Hub test split)",
+       BINARY, hub_splits=(("train", "train"), ("test", "test")), aliases=("yelp", "yelp-2"))
+_paper("scitail", "accuracy", "allenai/scitail", "snli_format", sp.HALVE,
+       formats.scitail("scitail"), "SciTail (premise/hypothesis; entailment 0, neutral 1)",
+       BINARY)
+_paper("paws", "accuracy", "google-research-datasets/paws", "labeled_final", sp.HUB,
+       kv("paws", ["sentence1", "sentence2"]), "PAWS (labeled_final)", BINARY)
+
+# NLG: multi-reference evaluation (BLEU / ROUGE / METEOR when it runs offline).
+_paper("e2e_nlg", "nlg", "tuetschek/e2e_nlg", None, sp.HUB, formats.e2e("e2e_nlg"),
+       "E2E NLG restaurant descriptions", group_references=True, aliases=("e2e",))
+_paper("web_nlg", "nlg", "webnlg-challenge/web_nlg", "webnlg_challenge_2017", sp.HUB,
+       formats.webnlg("web_nlg"), "WebNLG 2017 triples-to-text", train_all_answers=True,
+       hub_splits=(("train", "train"), ("validation", "dev"), ("test", "test")),
+       aliases=("webnlg",))
+_paper("common_gen", "nlg", "allenai/common_gen", None, sp.HOLDOUT,
+       formats.common_gen("common_gen"), "CommonGen (test: Hub validation; test has no targets)",
+       group_references=True, aliases=("commongen",))
+
+# The papers' task groups (ALGORITHMS.md), for mixtures and listings.
+SOURCE_TASKS = ("mnli", "qnli", "qqp", "sst2", "record", "squad")
+GROUPS: dict[str, tuple[str, ...]] = {
+    "source": SOURCE_TASKS,
+    "glue": ("mnli", "qqp", "qnli", "sst2", "stsb", "mrpc", "rte", "cola"),
+    "superglue": ("multirc", "boolq", "wic", "wsc", "cb"),
+    "mrqa": ("nq", "hotpotqa", "searchqa", "newsqa"),
+    "others": ("winogrande", "yelp_polarity", "scitail", "paws"),
+    "nlg": ("e2e_nlg", "web_nlg", "common_gen"),
+}
+
+
+def resolve_name(name: str) -> str:
+    """The registered name of `name` (itself, or the task an alias points to)."""
+    return ALIASES.get(name, name)
 
 
 def get_task(name: str, data_dir: str = "") -> Task:
-    """The registered task, or a generic source/target task over `--data_dir` files."""
+    """The registered task (or alias), or a generic source/target task over `--data_dir` files."""
+    name = resolve_name(name)
     if name in TASKS:
         return TASKS[name]
     if data_dir:
         if not Path(data_dir).is_dir():
             raise TaskError(f"--data_dir {data_dir}: no such directory")
         return Task(name=name, metric="accuracy", hub_id=f"local:{data_dir}",
-                    description="local source/target files")
+                    splits=PAPER_SPLITS, description="local source/target files")
     raise TaskError(f"unknown task {name!r}; known: {', '.join(TASKS)} "
                     "(or pass --data_dir with source/target files)")
