@@ -93,7 +93,9 @@ CASES: dict[str, dict[str, Any]] = {
             "validation": [_glue_pair("A cat.", "A dog.", "sentence1", "sentence2", 0)
                            | {"label": 3.7},
                            _glue_pair("Red.", "Blue.", "sentence1", "sentence2", 0)
-                           | {"label": 4.9}],
+                           | {"label": 4.9},
+                           _glue_pair("Up.", "Down.", "sentence1", "sentence2", 0)
+                           | {"label": 3.75}],
         },
         "expect": {
             "train": [("stsb sentence1: A plane takes off. sentence2: An air plane is taking off.",
@@ -101,8 +103,10 @@ CASES: dict[str, dict[str, Any]] = {
                       # 2.5 * 5 = 12.5 rounds half to even (12), as T5's tf.round does.
                       ("stsb sentence1: A man plays. sentence2: A man sings.", "2.4"),
                       ("stsb sentence1: x sentence2: y", "0.0")],
-            "eval": [("stsb sentence1: A cat. sentence2: A dog.", "3.8"),
-                     ("stsb sentence1: Red. sentence2: Blue.", "5.0")],
+            # 3.7 and 4.9 are ties too (18.5 and 24.5 fifths): they go to the even fifth
+            "eval": [("stsb sentence1: A cat. sentence2: A dog.", "3.6"),
+                     ("stsb sentence1: Red. sentence2: Blue.", "4.8"),
+                     ("stsb sentence1: Up. sentence2: Down.", "3.8")],
         },
     },
     "mrpc": {
@@ -530,7 +534,7 @@ def _key(r: dict[str, Any]) -> str:
 
 def test_every_paper_task_has_a_case() -> None:
     assert sorted(CASES) == sorted(set(PAPER_TASKS))
-    assert len(PAPER_TASKS) == 27 + 1  # ALGORITHMS.md's 26 datasets + MNLI-mm view + SG-RTE
+    assert len(PAPER_TASKS) == 26 + 1  # the 26 datasets of ALGORITHMS.md + SuperGLUE RTE
     for name in PAPER_TASKS:
         assert name in TASKS and TASKS[name].splits == ("train", "validation", "test")
 

@@ -65,8 +65,9 @@ STSB_LABELS = tuple(f"{i / 5:.1f}" for i in range(26))  # "0.0", "0.2", ..., "5.
 def stsb_target(score: Any) -> str:
     """The STS-B similarity rounded to the nearest 0.2, one decimal ("3.8").
 
-    Python's round() rounds halves to even, like T5's tf.round, so ties land on the same grid
-    point as in the T5/ATTEMPT preprocessing.
+    Python's round() rounds halves to even, like T5's `tf.round(label * 5) / 5`, so ties land
+    on the same grid point as in T5: 3.7 (18.5 fifths) -> "3.6", 3.75 -> "3.8". (The published
+    ATTEMPT code's `np.round((x * 5) / 5, 1)` rounds to 0.1 instead; ALGORITHMS.md asks for 0.2.)
     """
     return f"{round(float(score) * 5) / 5:.1f}"
 
