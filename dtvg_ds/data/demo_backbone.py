@@ -339,6 +339,9 @@ def ensure_demo_backbone(
             if is_complete(cache_dir):
                 log(f"demo backbone: recipe changed, rebuilding {cache_dir}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
+        # mkdtemp makes a private 0700 dir; the installed cache should be readable like any
+        # other directory (e.g. by other users' jobs sharing the cache)
+        tmp.chmod(0o755)
         try:
             model, stats = pretrain_demo_backbone(steps, seed, log, model_kwargs)
             model.save_pretrained(tmp)

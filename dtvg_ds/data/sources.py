@@ -109,6 +109,9 @@ def _hub_split(hub_id: str, config: str | None, split: str) -> Any:
         return datasets.load_dataset(hub_id, config, split=split)
     except Exception as e:  # script repo, offline, unknown id: try the parquet export next
         errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+        if isinstance(e, ConnectionError):  # offline: the export is unreachable as well
+            raise SourceError(f"could not load {hub_id}" + (f" ({config})" if config else "") +
+                              f" split {split!r} from the Hub: {errors[0]}") from None
     try:
         dd = datasets.load_dataset(hub_id, revision="refs/convert/parquet",
                                    data_dir=config or "default")
