@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
 export PYTHONPATH := $(CURDIR)
+# One JIT-compiled DeepSpeed op cache per checkout (built once, ~60 s, on the first launch).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup test test-fast demo lint bench clean
 

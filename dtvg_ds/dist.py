@@ -33,6 +33,12 @@ def _env_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def expected_world_size() -> int:
+    """World size announced by the launcher (valid before the process group exists)."""
+    _env_from_slurm()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init(timeout_minutes: float = 30.0) -> None:
     """Create the process group (NCCL on GPUs, gloo on the CPU accelerator) with a timeout.
 

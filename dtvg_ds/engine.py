@@ -222,15 +222,17 @@ def setup(cfg: TrainConfig) -> Run:
     import deepspeed
     from transformers import AutoTokenizer
 
+    # Everything that can be checked without peers is checked first: a bad flag, file or
+    # artifact fails in a second, before any process group, compilation or write.
+    ds, adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed),
+                                    dist.expected_world_size(), cfg.deepspeed)
+    inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
+    task = get_task(cfg.task, cfg.data_dir)
     dist.init()
-    ds, adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed), dist.world_size(),
-                                    cfg.deepspeed)
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
-    inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
     check_output_dir(cfg)
     seed_everything(cfg.seed)
-    task = get_task(cfg.task, cfg.data_dir)
     model_path = resolve_model_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train = batches.encode(task.load("train", cfg.data_dir, cfg.max_train_samples), tokenizer,

@@ -47,7 +47,11 @@ def ds_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1"})
+                "HF_DATASETS_OFFLINE": "1",
+                # one JIT cache per venv: two venvs sharing ~/.cache would rebuild the
+                # deepspeed_shm_comm op on every alternation
+                "TORCH_EXTENSIONS_DIR": os.environ.get(
+                    "TORCH_EXTENSIONS_DIR", str(VENV_BIN.parent / "torch_extensions"))})
     env.update(extra)
     return env
 

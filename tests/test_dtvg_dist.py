@@ -56,11 +56,17 @@ def _dtvg_args(model, out, paths, **kw):
                       source_task_scale_learning_rate=1e-4, max_steps=4, fingerprint_every=2, **kw)
 
 
+@pytest.fixture(scope="module")
+def dtvg_run(tiny_model, tpvs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dtvg") / "run"
+    launch(TRAIN, _dtvg_args(tiny_model, out, tpvs[0]))
+    return out
+
+
 @pytest.mark.dist
-def test_dtvg_zero3_two_ranks_known_group(tiny_model, tpvs, tmp_path):
+def test_dtvg_zero3_two_ranks_known_group(dtvg_run, tpvs):
     paths, vectors = tpvs
-    out = tmp_path / "dtvg"
-    launch(TRAIN, _dtvg_args(tiny_model, out, paths))
+    out = dtvg_run
     recs = read_jsonl(out / "groups.jsonl")
     assert [r["step"] for r in recs] == [0, 1, 2, 3]
     for r in recs:
@@ -146,3 +152,19 @@ def test_input_validation_messages(tpvs, tmp_path, tiny_model):
         **json.loads((paths["src_a"] / "tpv.json").read_text()), "task": "other"})
     with pytest.raises(ArtifactError, match="prompt init differs"):
         load_inputs(_cfg(paths, paths["src_a"], other))
+
+
+@pytest.mark.dist
+def test_dtvg_stop_and_resume_equals_uninterrupted(dtvg_run, tiny_model, tpvs, tmp_path):
+    out = tmp_path / "resumed"
+    launch(TRAIN, _dtvg_args(tiny_model, out, tpvs[0], stop_at_step=2))
+    launch(TRAIN, _dtvg_args(tiny_model, out, tpvs[0], resume="auto"))
+    a, b = load_artifact(dtvg_run), load_artifact(out)
+    for k in ("prompt", "scale_target", "scale_sources"):
+        torch.testing.assert_close(a.tensors[k], b.tensors[k], rtol=1e-6, atol=1e-7)
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(dtvg_run / "groups.jsonl")]
+    got = [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(out / "groups.jsonl")]
+    assert [r["step"] for r in got] == [0, 1, 2, 3]
+    assert [r["group"] for r in got] == [r["group"] for r in strip]
+    for x, y in zip(got, strip, strict=True):
+        assert x["ts"] == pytest.approx(y["ts"], rel=1e-5)

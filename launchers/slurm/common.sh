@@ -1,0 +1,126 @@
+# Shared body of launchers/slurm/stage1.sbatch and stage2.sbatch (sourced, not submitted).
+#
+# One torchrun launcher per node through `srun` (no SSH): torchrun starts NPROC_PER_NODE ranks on
+# its node; the nodes meet at the head node's address on a per-job port. See docs/slurm.md.
+#
+# Environment (all optional):
+#   DTVG_ROOT        the dtvg_ds checkout (default: the directory you ran sbatch from)
+#   DTVG_PYTHON      its python (default: $DTVG_ROOT/.venv/bin/python if present, else python3)
+#   DS_ACCELERATOR   unset = GPUs (NCCL); "cpu" = CPU ranks (gloo)
+#   NPROC_PER_NODE   ranks per node (default: the GPUs SLURM gave the node; 1 with DS_ACCELERATOR=cpu)
+#   DTVG_RESUME      value of --resume (default "auto": continue from the newest checkpoint in
+#                    --output_dir, which is what makes a requeued job pick up where it stopped;
+#                    set it empty to start fresh)
+#   DTVG_MAX_REQUEUES  stop requeueing on the time-limit signal after this many restarts (default 20)
+#   DTVG_MASTER_ADDR / DTVG_MASTER_PORT  override the rendezvous address / port
+# Every argument after the script name is passed to launchers/train.py unchanged.
+
+set -euo pipefail
+
+_log() { echo "[dtvg-slurm $(date +%H:%M:%S)] $*"; }
+_die() { echo "[dtvg-slurm] error: $*" >&2; exit 2; }
+
+dtvg_slurm_launch() {  # dtvg_slurm_launch <train.py args...>
+  [ -n "${SLURM_JOB_ID:-}" ] || _die "submit this with sbatch (no SLURM_JOB_ID in the environment)"
+
+  # ---- code and interpreter -------------------------------------------------------------------
+  # sbatch runs a spooled copy of the script, so the checkout is found from the submit directory.
+  export DTVG_ROOT=${DTVG_ROOT:-$SLURM_SUBMIT_DIR}
+  [ -f "$DTVG_ROOT/launchers/train.py" ] \
+    || _die "no launchers/train.py under DTVG_ROOT=$DTVG_ROOT; run sbatch from the dtvg_ds checkout or set DTVG_ROOT"
+  if [ -z "${DTVG_PYTHON:-}" ]; then
+    if [ -x "$DTVG_ROOT/.venv/bin/python" ]; then DTVG_PYTHON=$DTVG_ROOT/.venv/bin/python; else DTVG_PYTHON=python3; fi
+  fi
+  export DTVG_PYTHON
+
+  # ---- ranks per node ---------------------------------------------------------------------------
+  if [ "${DS_ACCELERATOR:-}" = cpu ]; then
+    NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+  else
+    NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
+    [ -n "$NPROC_PER_NODE" ] && [ "$NPROC_PER_NODE" != 0 ] || _die "no GPUs in this allocation: \
+request them (sbatch --gpus-per-node=G), or set NPROC_PER_NODE, or DS_ACCELERATOR=cpu for CPU ranks"
+  fi
+  export NPROC_PER_NODE
+
+  # ---- rendezvous: the head node's address and a port of this job -----------------------------
+  # The head node is the first of the allocation; its NodeAddr is how SLURM itself reaches it
+  # (equal to the host name on most clusters). The port is derived from the job id so that two
+  # jobs sharing a node do not both take 29500; a requeued job keeps its id and so its port.
+  local nodes head addr
+  mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  head=${nodes[0]}
+  addr=$(scontrol show node "$head" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p') || true
+  addr=${addr%%$'\n'*}
+  export MASTER_ADDR=${DTVG_MASTER_ADDR:-${addr:-$head}}
+  export MASTER_PORT=${DTVG_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
+
+  # ---- resume: a requeued job continues from the newest complete checkpoint -------------------
+  local args=("$@")
+  if [ -n "${DTVG_RESUME-auto}" ]; then args=(--resume "${DTVG_RESUME-auto}" "${args[@]}"); fi
+
+  # The CPUs SLURM gave this job on a node all go to the node's one launcher task (srun does not
+  # inherit sbatch's --cpus-per-task since Slurm 22.05, so pass it explicitly).
+  local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+
+  _log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) nodes $SLURM_JOB_NODELIST:" \
+       "$SLURM_NNODES x $NPROC_PER_NODE ranks (${DS_ACCELERATOR:-gpu}), $cpus CPUs per node," \
+       "rendezvous $MASTER_ADDR:$MASTER_PORT"
+  _log "python $DTVG_PYTHON; train.py ${args[*]}"
+
+  # ---- the output directory must be one directory seen by every node --------------------------
+  # (rank 0 writes the artifact and logs, every rank writes its checkpoint shard and group trace)
+  local out="" i
+  for ((i = 0; i < ${#args[@]}; i++)); do
+    case ${args[i]} in
+      --output_dir) out=${args[i + 1]:-} ;;
+      --output_dir=*) out=${args[i]#*=} ;;
+    esac
+  done
+  if [ -n "$out" ]; then
+    mkdir -p "$out"
+    local marker
+    marker=$(cd "$out" && pwd)/.slurm-shared-check.$SLURM_JOB_ID
+    touch "$marker"
+    srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=1 \
+      bash -c '[ -e "$1" ] || { echo "node $SLURMD_NODENAME cannot see $1" >&2; exit 1; }' _ "$marker" \
+      || { rm -f "$marker"; _die "--output_dir $out is not on a filesystem shared by all nodes; \
+put it on one (all ranks write checkpoints there)"; }
+    rm -f "$marker"
+  fi
+
+  # ---- requeue on the time-limit warning -------------------------------------------------------
+  # `#SBATCH --signal=B:USR1@<s>` sends SIGUSR1 to this shell <s> seconds before the time limit.
+  # A job that hits its limit ends as TIMEOUT for good; requeueing it first puts it back in the
+  # queue under the same id, and the restarted script resumes (--resume auto) from the last
+  # checkpoint, so keep --save_steps frequent enough for the work you can afford to redo.
+  _requeue() {
+    if [ "${SLURM_RESTART_COUNT:-0}" -ge "${DTVG_MAX_REQUEUES:-20}" ]; then
+      _log "SIGUSR1 (time limit near) but already restarted ${SLURM_RESTART_COUNT} times; not requeueing"
+      return
+    fi
+    _log "SIGUSR1 (time limit near): requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint"
+    scontrol requeue "$SLURM_JOB_ID" || _log "scontrol requeue failed (was the job submitted with --no-requeue?)"
+  }
+  trap _requeue USR1
+
+  # ---- one torchrun per node ------------------------------------------------------------------
+  # The single quotes matter: $SLURM_NODEID must be expanded by each node's task, not once here.
+  # torchrun runs as `python -m torch.distributed.run` of DTVG_PYTHON (same thing, right venv).
+  # --kill-on-bad-exit: one failing node ends the whole step instead of leaving the others
+  # waiting in a collective until the process-group timeout.
+  srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="$cpus" --label \
+    bash -c 'exec "$DTVG_PYTHON" -m torch.distributed.run \
+      --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node="$NPROC_PER_NODE" \
+      --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --max_restarts=0 \
+      "$DTVG_ROOT/launchers/train.py" "$@"' dtvg-node "${args[@]}" &
+  local srun_pid=$! rc=0
+  # Wait in the background so the shell can run the USR1 trap while training runs; `wait`
+  # returns early (status > 128) when a trapped signal arrives, so wait again until srun is gone.
+  while :; do
+    if wait "$srun_pid"; then rc=0; else rc=$?; fi
+    kill -0 "$srun_pid" 2>/dev/null || break
+  done
+  _log "srun exited with status $rc"
+  return "$rc"
+}
