@@ -57,7 +57,7 @@ def test_first_step_gradient_matches_single_process_reference(probe, tiny_model)
     # DeepSpeed averages the per-rank mean losses' gradients: reproduce exactly that.
     losses = [model(**batches.collate(enc, f["indices0"], tok.pad_token_id)).loss for f in probe]
     for f, loss in zip(probe, losses, strict=True):
-        assert f["loss0"] == pytest.approx(float(loss), abs=1e-5)
+        assert f["loss0"] == pytest.approx(float(loss.detach()), abs=1e-5)
     (sum(losses) / len(losses)).backward()
     ref = model.prompter.prompt.grad
     for f in probe:
