@@ -14,9 +14,11 @@ from dtvg_ds.artifacts import ArtifactError
 from dtvg_ds.checkpoint import CheckpointError
 from dtvg_ds.config import ConfigError, TrainConfig, parse_config
 from dtvg_ds.data.tasks import TaskError
+from dtvg_ds.engine import Preempted, TrainingError
 from dtvg_ds.model import ModelLoadError
 
-USER_ERRORS = (ConfigError, ArtifactError, TaskError, ModelLoadError, CheckpointError)
+USER_ERRORS = (ConfigError, ArtifactError, TaskError, ModelLoadError, CheckpointError,
+               TrainingError)
 
 
 def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
@@ -25,6 +27,9 @@ def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
     try:
         cfg = parse_config(argv)
         fn(cfg)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return 3
     except USER_ERRORS as e:
         if debug:
             raise

@@ -123,6 +123,15 @@ def all_reduce_max(x: float) -> float:
     return float(t.item())
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is True on at least one rank (e.g. a SIGTERM arrived)."""
+    if not tdist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)  # collective: every rank, 4 bytes
+    return bool(t.item() > 0)
+
+
 def _comm_device() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,27 @@ class Best:
 # ----------------------------------------------------------------------------------------------
 # set-up
 # ----------------------------------------------------------------------------------------------
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGUSR1 arrived; a checkpoint was written and the run stopped cleanly."""
+
+
+class _StopSignal:
+    """Remembers that SIGTERM (preemption, scancel, SLURM --signal) or SIGUSR1 arrived.
+
+    The handler only sets a flag; the loop checks it after each optimizer step on all ranks
+    together (`dist.any_rank`), so every rank takes part in the final checkpoint even if only
+    one of them received the signal (DeepSpeed's launcher terminates its children one by one).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python and torch RNGs (same seed on every rank: dropout masks differ by data only)."""
@@ -306,6 +328,7 @@ def export(run: Run, best: Best, steps: int) -> Path:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training end to end; returns a summary (same on all ranks)."""
+    stop_signal = _StopSignal()
     run = setup(cfg)
     engine, method, dev = run.engine, run.method, _device()
     rank, world = dist.rank(), dist.world_size()
@@ -361,15 +384,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if res["score"] > best.score:
                 best = Best(res["score"], step, res, _best_tensors(method))
                 export(run, best, step)
-        stopping = step == cfg.stop_at_step
+        preempted = dist.any_rank(stop_signal.signum is not None)  # collective: 4 bytes
+        stopping = step == cfg.stop_at_step or preempted
         if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or stopping:
             checkpoint.save(engine, cfg.output_dir, step,
                             {"best_score": best.score, "best_step": best.step,
                              "best_metrics": best.metrics, "method_state": method.extra_state()},
                             best.tensors, cfg.save_total_limit)
         if stopping:
-            info(f"stopped at step {step} (--stop_at_step); continue with --resume auto")
             bar.close()
+            why = "a termination signal" if preempted else "--stop_at_step"
+            info(f"stopped at step {step} by {why}; checkpoint written, continue with "
+                 "--resume auto")
+            if preempted:
+                raise Preempted(f"stopped by a termination signal at step {step}; checkpoint "
+                                f"{checkpoint.ckpt_root(cfg.output_dir)}, resume with --resume auto")
             return {"output_dir": cfg.output_dir, "stopped_at": step}
     bar.close()
     if not best.tensors:  # resumed at max_steps, or eval never ran: export the current prompt

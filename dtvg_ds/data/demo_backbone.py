@@ -340,7 +340,7 @@ def ensure_demo_backbone(
                 log(f"demo backbone: recipe changed, rebuilding {cache_dir}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.tmp-", dir=cache_dir.parent))
         # mkdtemp makes a private 0700 dir; the installed cache should be readable like any
-        # other directory (e.g. by other users' jobs sharing the cache)
+        # other directory (e.g. by other users' jobs sharing it)
         tmp.chmod(0o755)
         try:
             model, stats = pretrain_demo_backbone(steps, seed, log, model_kwargs)
@@ -350,6 +350,8 @@ def ensure_demo_backbone(
                     "torch_version": torch.__version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             # Marker written last: its presence means every other file is complete.
+            for f in tmp.iterdir():  # some writers create 0600 files; the cache is shared
+                f.chmod(0o644)
             (tmp / MARKER).write_text(json.dumps(done, indent=1) + "\n")
             _install(tmp, cache_dir, h)
         finally:

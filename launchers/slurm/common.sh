@@ -22,6 +22,7 @@ _die() { echo "[dtvg-slurm] error: $*" >&2; exit 2; }
 
 dtvg_slurm_launch() {  # dtvg_slurm_launch <train.py args...>
   [ -n "${SLURM_JOB_ID:-}" ] || _die "submit this with sbatch (no SLURM_JOB_ID in the environment)"
+  trap '' USR1  # until training starts, the time-limit signal must not kill the job (see below)
 
   # ---- code and interpreter -------------------------------------------------------------------
   # sbatch runs a spooled copy of the script, so the checkout is found from the submit directory.
@@ -70,39 +71,37 @@ request them (sbatch --gpus-per-node=G), or set NPROC_PER_NODE, or DS_ACCELERATO
 
   # ---- the output directory must be one directory seen by every node --------------------------
   # (rank 0 writes the artifact and logs, every rank writes its checkpoint shard and group trace)
-  local out="" i
+  local i
+  _DTVG_OUT=""
   for ((i = 0; i < ${#args[@]}; i++)); do
     case ${args[i]} in
-      --output_dir) out=${args[i + 1]:-} ;;
-      --output_dir=*) out=${args[i]#*=} ;;
+      --output_dir) _DTVG_OUT=${args[i + 1]:-} ;;
+      --output_dir=*) _DTVG_OUT=${args[i]#*=} ;;
     esac
   done
-  if [ -n "$out" ]; then
-    mkdir -p "$out"
+  if [ -n "$_DTVG_OUT" ]; then
+    mkdir -p "$_DTVG_OUT"
     local marker
-    marker=$(cd "$out" && pwd)/.slurm-shared-check.$SLURM_JOB_ID
+    marker=$(cd "$_DTVG_OUT" && pwd)/.slurm-shared-check.$SLURM_JOB_ID
     touch "$marker"
     srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=1 \
       bash -c '[ -e "$1" ] || { echo "node $SLURMD_NODENAME cannot see $1" >&2; exit 1; }' _ "$marker" \
-      || { rm -f "$marker"; _die "--output_dir $out is not on a filesystem shared by all nodes; \
+      || { rm -f "$marker"; _die "--output_dir $_DTVG_OUT is not on a filesystem shared by all nodes; \
 put it on one (all ranks write checkpoints there)"; }
     rm -f "$marker"
   fi
+  _DTVG_CKPT0=$(_dtvg_newest_checkpoint)
+  [ -z "$_DTVG_CKPT0" ] || _log "newest checkpoint: ${_DTVG_CKPT0%/trainer_state.json} (--resume ${DTVG_RESUME-auto})"
 
   # ---- requeue on the time-limit warning -------------------------------------------------------
   # `#SBATCH --signal=B:USR1@<s>` sends SIGUSR1 to this shell <s> seconds before the time limit.
   # A job that hits its limit ends as TIMEOUT for good; requeueing it first puts it back in the
-  # queue under the same id, and the restarted script resumes (--resume auto) from the last
-  # checkpoint, so keep --save_steps frequent enough for the work you can afford to redo.
-  _requeue() {
-    if [ "${SLURM_RESTART_COUNT:-0}" -ge "${DTVG_MAX_REQUEUES:-20}" ]; then
-      _log "SIGUSR1 (time limit near) but already restarted ${SLURM_RESTART_COUNT} times; not requeueing"
-      return
-    fi
-    _log "SIGUSR1 (time limit near): requeueing job $SLURM_JOB_ID; it resumes from the last checkpoint"
-    scontrol requeue "$SLURM_JOB_ID" || _log "scontrol requeue failed (was the job submitted with --no-requeue?)"
-  }
-  trap _requeue USR1
+  # queue under the same id (SLURM starts it again after ~2 minutes at the earliest), and the
+  # restarted script resumes (--resume auto) from the last checkpoint, so keep --save_steps
+  # frequent enough for the work you can afford to redo. A job that wrote no checkpoint since it
+  # started is not requeued: it would only repeat the same work (e.g. --time shorter than the
+  # signal's lead time, which sends the signal at once).
+  trap _dtvg_requeue USR1
 
   # ---- one torchrun per node ------------------------------------------------------------------
   # The single quotes matter: $SLURM_NODEID must be expanded by each node's task, not once here.
@@ -121,6 +120,28 @@ put it on one (all ranks write checkpoints there)"; }
     if wait "$srun_pid"; then rc=0; else rc=$?; fi
     kill -0 "$srun_pid" 2>/dev/null || break
   done
+  trap '' USR1  # a late signal must neither requeue a finished run nor kill this shell
   _log "srun exited with status $rc"
   return "$rc"
+}
+
+_dtvg_newest_checkpoint() {  # newest complete checkpoint of the run (trainer_state.json is written last)
+  [ -n "${_DTVG_OUT:-}" ] || return 0
+  local f newest=""
+  for f in "$_DTVG_OUT"/checkpoints/step-*/trainer_state.json; do [ -e "$f" ] && newest=$f; done
+  echo "$newest"
+}
+
+_dtvg_requeue() {
+  if [ "${SLURM_RESTART_COUNT:-0}" -ge "${DTVG_MAX_REQUEUES:-20}" ]; then
+    _log "SIGUSR1 (time limit near), but the job was already restarted ${SLURM_RESTART_COUNT} times; not requeueing"
+    return
+  fi
+  if [ -n "${_DTVG_OUT:-}" ] && [ "$(_dtvg_newest_checkpoint)" = "${_DTVG_CKPT0:-}" ]; then
+    _log "SIGUSR1 (time limit near), but no checkpoint was written since this job started: not \
+requeueing (it would repeat the same work); raise --time or lower --save_steps"
+    return
+  fi
+  _log "SIGUSR1 (time limit near): requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint"
+  scontrol requeue "$SLURM_JOB_ID" || _log "scontrol requeue failed (submitted with --no-requeue?)"
 }
