@@ -68,6 +68,10 @@ class TrainConfig:
     max_target_length: int = _f(16, "max target tokens")
     max_train_samples: int = _f(0, "truncate the training set (0 = all)")
     max_eval_samples: int = _f(0, "truncate the validation set (0 = all)")
+    k_shot: int = _f(0, "few-shot: k training examples (label-balanced; 0 = all)")
+    data_seed: int = _f(0, "seed of the dev/test split, the k-shot sample and subsampling")
+    mixture_cap: int = _f(0, "multi-task --task a+b+c: at most this many examples per task")
+    tokenized_cache: bool = _f(True, "cache tokenised splits under --cache_dir (rank 0 writes)")
 
     # --- the soft prompt ---
     num_virtual_tokens: int = _f(100, "soft prompt length r", aliases=("--prefix_length",))
@@ -229,9 +233,9 @@ def validate(cfg: TrainConfig) -> list[str]:
                  "prompt_init_vocab_range", "save_total_limit"):
         if getattr(cfg, name) < 1:
             probs.append(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
-    for name in ("stop_at_step", "eval_steps", "save_steps", "logging_steps", "warmup_steps",
-                 "max_train_samples",
-                 "max_eval_samples", "fingerprint_every"):
+    for name in ("k_shot", "data_seed", "mixture_cap", "stop_at_step", "eval_steps", "save_steps",
+                 "logging_steps", "warmup_steps", "max_train_samples", "max_eval_samples",
+                 "fingerprint_every"):
         if getattr(cfg, name) < 0:
             probs.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
     if cfg.learning_rate <= 0:

@@ -24,6 +24,7 @@ from dtvg_ds import artifacts, checkpoint, dist
 from dtvg_ds.config import DEMO_MODEL, ConfigError, TrainConfig, read_ds_config, resolve_ds_config
 from dtvg_ds.config import zero_stage as get_zero_stage
 from dtvg_ds.data import batches, metrics
+from dtvg_ds.data.mixtures import MIX_SEPARATOR, MixtureTask, is_mixture
 from dtvg_ds.data.tasks import Task, get_task
 from dtvg_ds.logs import RunLogger, info, progress
 from dtvg_ds.methods import build_method, load_inputs
@@ -180,9 +181,36 @@ def _resident_ok(cfg: TrainConfig, model: torch.nn.Module) -> bool:
     return bool(dist.broadcast_object(fits))  # all ranks must take the same path
 
 
+def metric_name(task: Task | MixtureTask) -> str:
+    """The name of the number best checkpoints are chosen by."""
+    return "mean_task_score" if isinstance(task, MixtureTask) else metrics.PRIMARY[task.metric]
+
+
+def score(task: Task | MixtureTask, idx: list[int], preds: list[str], enc: batches.Encoded,
+          ex_tasks: list[str] | None = None) -> dict[str, float]:
+    """Task metric on decoded predictions (all references, MultiRC groups); for a mixture,
+    every member's own metric and `score` = their mean."""
+    def one(t: Task, sel: list[int]) -> dict[str, float]:
+        pos = {i: k for k, i in enumerate(idx)}
+        refs = [enc.references[i] if enc.references else enc.target_text[i] for i in sel]
+        groups = [enc.groups[i] for i in sel] if enc.groups else None
+        return metrics.compute(t.metric, [preds[pos[i]] for i in sel], refs, t.labels, groups)
+
+    if not isinstance(task, MixtureTask):
+        return one(task, idx)
+    out: dict[str, float] = {}
+    for member in task.members:
+        sel = [i for i in idx if ex_tasks[i] == member.name]
+        for k, v in one(member, sel).items():
+            out[f"{member.name}/{k}"] = v
+    out["score"] = sum(out[f"{m.name}/score"] for m in task.members) / len(task.members)
+    return out
+
+
 @torch.no_grad()
 def evaluate(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, task: Task,
-             tokenizer: Any, cfg: TrainConfig, zero_stage: int) -> dict[str, float]:
+             tokenizer: Any, cfg: TrainConfig, zero_stage: int,
+             valid_tasks: list[str] | None = None) -> dict[str, float]:
     """Generate on every rank's shard, gather predictions, score on rank 0, broadcast."""
     model.eval()
     rank, world, bs = dist.rank(), dist.world_size(), cfg.per_device_eval_batch_size
@@ -208,8 +236,7 @@ def evaluate(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, task: Ta
     result: dict[str, float] = {}
     if dist.is_main():
         merged = sorted(p for part in everything for p in part)
-        result = metrics.compute(task.metric, [t for _, t in merged],
-                                 [enc.target_text[i] for i, _ in merged], task.labels)
+        result = score(task, [i for i, _ in merged], [t for _, t in merged], enc, valid_tasks)
         result["eval_seconds"] = time.time() - t0
         result["eval_samples_per_second"] = len(merged) / max(result["eval_seconds"], 1e-9)
         result["eval_backbone_resident"] = float(res)
@@ -231,6 +258,7 @@ class Run:
     tokenizer: Any
     train: batches.Encoded
     valid: batches.Encoded
+    valid_tasks: list[str]
     model: PromptedSeq2Seq
     method: PromptMethod
     engine: Any
@@ -249,7 +277,8 @@ def setup(cfg: TrainConfig) -> Run:
     ds, adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed),
                                     dist.expected_world_size(), cfg.deepspeed)
     inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
-    task = get_task(cfg.task, cfg.data_dir)
+    task = (MixtureTask(cfg.task.split(MIX_SEPARATOR), cfg.data_dir, cfg.mixture_cap)
+            if is_mixture(cfg.task) else get_task(cfg.task, cfg.data_dir))
     dist.init()
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
@@ -257,10 +286,14 @@ def setup(cfg: TrainConfig) -> Run:
     seed_everything(cfg.seed)
     model_path = resolve_model_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train = batches.encode(task.load("train", cfg.data_dir, cfg.max_train_samples), tokenizer,
-                           cfg.max_source_length, cfg.max_target_length)
-    valid = batches.encode(task.load("validation", cfg.data_dir, cfg.max_eval_samples), tokenizer,
-                           cfg.max_source_length, cfg.max_target_length)
+    train_recs = task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
+                           k_shot=cfg.k_shot)
+    valid_recs = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)
+    cache = Path(cfg.cache_dir) / "tokenized" if cfg.tokenized_cache else None
+    train, valid = (batches.encode_cached(recs, tokenizer, cfg.max_source_length,
+                                          cfg.max_target_length, cache, key=f"{task.name}-{split}")
+                    for recs, split in ((train_recs, "train"), (valid_recs, "validation")))
+    valid_tasks = [r.get("task", task.name) for r in valid_recs]
     stage = get_zero_stage(ds)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     keep_alive = None
@@ -294,8 +327,8 @@ def setup(cfg: TrainConfig) -> Run:
     del keep_alive
     info(f"backbone {model_path}: {frozen:,} frozen parameters (0 trainable); prompt "
          f"{n_prompt:,} trainable; ZeRO stage {stage}; world size {dist.world_size()}")
-    return Run(cfg, ds, task, tokenizer, train, valid, model, method, engine, stage, model_path,
-               meta)
+    return Run(cfg, ds, task, tokenizer, train, valid, valid_tasks, model, method, engine, stage,
+               model_path, meta)
 
 
 def check_replicas(method: PromptMethod, step: int) -> str:
@@ -319,7 +352,7 @@ def export(run: Run, best: Best, steps: int) -> Path:
     if dist.is_main():
         extra = {k: v for k, v in best.tensors.items() if k != "prompt"}
         meta = {**run.meta, "method": run.method.name, "steps": steps,
-                "best_metric": artifacts.best_metric(run.task.metric, best.score, best.step),
+                "best_metric": artifacts.best_metric(metric_name(run.task), best.score, best.step),
                 "extra": {"metrics": best.metrics, **run.method.artifact_meta()}}
         artifacts.save_artifact(out, best.tensors["prompt"], run.method.p_init, meta, extra)
     dist.barrier()  # the artifact exists before any rank reports success
@@ -378,7 +411,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loss_sum, loss_n, t_last = 0.0, 0, now
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
             res = evaluate(engine, run.model, run.valid, run.task, run.tokenizer, cfg,
-                           run.zero_stage)
+                           run.zero_stage, run.valid_tasks)
             logger.log({"step": step, **{f"eval_{k}" if not k.startswith("eval") else k: v
                                          for k, v in res.items()}})
             if res["score"] > best.score:
@@ -407,8 +440,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     logger.close()
     method_log.close()
     summary = {"output_dir": str(out), "best_score": best.score, "best_step": best.step,
-               "metric": run.task.metric, "best_metrics": best.metrics, "steps": step}
-    info(f"done: {cfg.task} best {run.task.metric} {best.score:.2f} at step {best.step}; "
+               "metric": metric_name(run.task), "best_metrics": best.metrics, "steps": step}
+    info(f"done: {cfg.task} best {metric_name(run.task)} {best.score:.2f} at step {best.step}; "
          f"prompt artifact in {out}")
     return summary
 

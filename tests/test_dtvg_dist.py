@@ -168,3 +168,19 @@ def test_dtvg_stop_and_resume_equals_uninterrupted(dtvg_run, tiny_model, tpvs, t
     assert [r["group"] for r in got] == [r["group"] for r in strip]
     for x, y in zip(got, strip, strict=True):
         assert x["ts"] == pytest.approx(y["ts"], rel=1e-5)
+
+
+@pytest.mark.dist
+def test_generic_spot_from_a_mixture_trained_prompt(tiny_model, tmp_path):
+    mix = tmp_path / "mix"
+    launch(TRAIN, train_args(tiny_model, mix, task="senti_a+has_color", max_steps=4,
+                             mixture_cap=100))
+    evals = [r for r in read_jsonl(mix / "metrics.jsonl") if "eval_score" in r]
+    assert {"eval_senti_a/accuracy", "eval_has_color/accuracy"} <= set(evals[-1])
+    assert evals[-1]["eval_score"] == pytest.approx(
+        (evals[-1]["eval_senti_a/accuracy"] + evals[-1]["eval_has_color/accuracy"]) / 2)
+    assert load_artifact(mix).meta["best_metric"]["name"] == "mean_task_score"
+    out = tmp_path / "generic_spot"
+    launch(TRAIN, train_args(tiny_model, out, method="spot", task="senti_b",
+                             source_tpvs=[str(mix)], max_steps=2))
+    assert load_artifact(out).meta["extra"]["spot_source"] == "senti_a+has_color"

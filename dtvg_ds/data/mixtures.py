@@ -74,3 +74,36 @@ def load_mixture(names: Sequence[str], split: str = "train", data_dir: str = "",
         task = get_task(n, data_dir)
         recs[task.name] = task.load(split, data_dir, limit_per_task, seed, k_shot=k_shot)
     return mix(recs, cap, seed)
+
+
+MIX_SEPARATOR = "+"
+
+
+class MixtureTask:
+    """A multi-task "task" (`--task senti_a+senti_b+...`): trains on the capped mixture, and is
+    evaluated per member task with the member's own metric (score = mean of member scores)."""
+
+    metric = "mixture"
+    labels = None
+
+    def __init__(self, members: Sequence[str], data_dir: str = "", cap: int = 0):
+        from dtvg_ds.data.tasks import get_task
+
+        self.members = tuple(get_task(m, data_dir) for m in members)
+        self.name = MIX_SEPARATOR.join(t.name for t in self.members)
+        self.cap = cap
+
+    def load(self, split: str, data_dir: str = "", limit: int = 0, seed: int = 0,
+             k_shot: int = 0) -> list[Record]:
+        """Training: the examples-proportional mixture; evaluation: every member's split."""
+        if split == "train":
+            recs = load_mixture([t.name for t in self.members], "train", data_dir, self.cap, seed,
+                                k_shot=k_shot)
+            return recs[:limit] if limit else recs
+        return [{**r, "task": t.name} for t in self.members
+                for r in t.load(split, data_dir, limit, seed)]
+
+
+def is_mixture(name: str) -> bool:
+    """True for `--task a+b+c`."""
+    return MIX_SEPARATOR in name
