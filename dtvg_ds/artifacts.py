@@ -194,8 +194,8 @@ def check_compatible(arts: list[PromptArtifact]) -> None:
         return
     ref = arts[0]
     for a in arts[1:]:
-        for key, what in (("backbone_fingerprint", "backbone"), ("init_fingerprint", "prompt init"),
-                          ("num_tokens", "prompt length r"), ("d_model", "d_model")):
+        for key, what in (("backbone_fingerprint", "backbone"), ("num_tokens", "prompt length r"),
+                          ("d_model", "d_model"), ("init_fingerprint", "prompt init")):
             if a.meta[key] != ref.meta[key]:
                 raise ArtifactError(
                     f"{a.path}: {what} differs from {ref.path} ({key} {a.meta[key]!r} vs "

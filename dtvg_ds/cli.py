@@ -1,17 +1,24 @@
 """Shared entry-point plumbing: parse the config, run, turn user errors into one clear line.
 
-A user error (bad flag, bad file, incompatible artifact) prints `error: ...` and exits 2 with no
-traceback unless `--debug`; anything else is a bug and keeps its traceback.
+A user error (bad flag, bad file, incompatible artifact, an output directory that refuses
+writes) prints `error: <problem>; <fix>` -- one line per problem -- and exits 2 with no traceback
+unless `--debug`; anything else is a bug and keeps its traceback. Before the run starts the
+output directory is probed with a real write (not `os.access`, which root always passes); if the
+run fails with a user error before writing anything, a directory it created is removed again.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dtvg_ds.artifacts import ArtifactError
-from dtvg_ds.checkpoint import CheckpointError
+from dtvg_ds.checkpoint import CheckpointError, OutputWriteError, write_error_message
 from dtvg_ds.config import ConfigError, TrainConfig, parse_config
 from dtvg_ds.data.tasks import TaskError
 from dtvg_ds.engine import Preempted, TrainingError
@@ -19,13 +26,21 @@ from dtvg_ds.model import ModelLoadError
 
 USER_ERRORS = (ConfigError, ArtifactError, TaskError, ModelLoadError, CheckpointError,
                TrainingError)
+# Always a problem of the disk, whichever file it hit.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+# A problem of the disk when it hit a path under the output directory.
+_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR})
 
 
 def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
     """Parse `argv` into a TrainConfig, call `fn`, map user errors to exit code 2."""
     debug = "--debug" in argv
+    cfg: TrainConfig | None = None
+    created: list[Path] = []
     try:
         cfg = parse_config(argv)
+        created = _missing_dirs(cfg.output_dir)
+        check_output_writable(cfg.output_dir, bool(cfg.resume or cfg.overwrite_output_dir))
         fn(cfg)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
@@ -33,12 +48,102 @@ def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
     except USER_ERRORS as e:
         if debug:
             raise
-        msg = str(e)
-        print(f"error:{chr(10) if isinstance(e, ConfigError) else ' '}{msg}", file=sys.stderr)
+        _report(e)
+        _remove_if_empty(created)
+        return 2
+    except OSError as e:
+        if debug or cfg is None or not _is_output_write_error(e, cfg.output_dir):
+            raise
+        _report(OutputWriteError(_write_line(e, cfg.output_dir)))
         return 2
     finally:
         _shutdown()
     return 0
+
+
+def _report(e: Exception) -> None:
+    """One `error:` line per problem (a ConfigError may list several)."""
+    problems = e.problems if isinstance(e, ConfigError) else [str(e)]
+    for p in problems:
+        print(f"error: {' '.join(str(p).split())}", file=sys.stderr, flush=True)
+
+
+def check_output_writable(out_dir: str, may_write_into: bool = False) -> None:
+    """Refuse an output directory that cannot be written, before anything starts.
+
+    Probes with a real write + fsync in the directory (or its nearest existing ancestor, where it
+    would be created), so a read-only mount, a full disk or a file where a directory should be
+    fail here in a second with the fix, instead of at the first checkpoint. A non-empty directory
+    is probed only with `may_write_into` (--resume / --overwrite_output_dir): without them it is
+    refused later, untouched.
+    """
+    if not out_dir:
+        return
+    p = Path(out_dir).absolute()
+    if p.is_dir() and not may_write_into and any(p.iterdir()):
+        return
+    here = p
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise OutputWriteError(f"--output_dir {out_dir}: {here} is a file, not a directory; "
+                               "move it away or pass another --output_dir")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".dtvg_ds-write-probe-", dir=here)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+    except OSError as e:
+        raise OutputWriteError(
+            f"--output_dir {out_dir}: cannot write in {here} ({errno.errorcode.get(e.errno, e.errno)}"
+            f": {e.strerror}); make it writable, free space, or pass another --output_dir"
+        ) from None
+
+
+def _missing_dirs(out_dir: str) -> list[Path]:
+    """The output dir and its ancestors that do not exist yet, deepest first."""
+    out: list[Path] = []
+    if not out_dir:
+        return out
+    p = Path(out_dir).absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _remove_if_empty(created: list[Path]) -> None:
+    """Rank 0: undo the creation of directories that are still empty (nothing was written)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for d in created:
+        try:
+            d.rmdir()  # only ever removes an empty directory
+        except OSError:
+            return
+
+
+def _under(path: Any, root: str) -> bool:
+    try:
+        return Path(os.fsdecode(path)).absolute().is_relative_to(Path(root).absolute())
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_output_write_error(e: OSError, out_dir: str) -> bool:
+    if e.errno in _DISK_ERRNOS:
+        return True
+    return e.errno in _PATH_ERRNOS and bool(e.filename) and _under(e.filename, out_dir)
+
+
+def _write_line(e: OSError, out_dir: str) -> str:
+    if e.filename and not _under(e.filename, out_dir):  # e.g. the cache dir
+        return (f"cannot write {e.filename} ({errno.errorcode.get(e.errno, e.errno)}: "
+                f"{e.strerror}); free space or make it writable (--cache_dir moves the cache)")
+    return write_error_message(e, out_dir, "run files")
 
 
 def _shutdown() -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("pt", "dtvg", "spot")
+METHODS = ("pt", "dtvg", "spot", "mpt_source", "mpt_target")
 ABLATIONS = ("none", "no_kc", "target_only", "all_sources", "fixed_group")
 DEMO_MODEL = "demo"  # the embedded default: a tiny T5 the project pretrains and caches on CPU
 
@@ -118,6 +118,14 @@ class TrainConfig:
     ablation: str = _f("none", f"DTVG ablation: one of {', '.join(ABLATIONS)}")
     fingerprint_every: int = _f(50, "DTVG: check prompt replicas agree across ranks every N steps")
     spot_per_token: bool = _f(False, "SPoT: per-token cosine instead of average-token cosine")
+
+    # --- MPT ---
+    mpt_source: str = _f("", "mpt_target: the MPT source artifact dir (P*, u, v)")
+    mpt_lambda: float = _f(1.0, "mpt_source: weight of the distillation losses")
+    mpt_temperature: float = _f(1.0, "mpt_source: softmax temperature of L_logits")
+    mpt_hidden: str = _f("decoder", "mpt_source: hidden states for L_hidden: decoder|encoder")
+    mpt_kappa: int = _f(0, "mpt_source: max tasks per batch (0 = all sources)")
+    mpt_uv_init: str = _f("mean", "mpt_target: init u, v from the source factors' mean, or ones")
 
     # --- derived at run time, not flags ---
     explicit: frozenset[str] = field(default=frozenset(), metadata={"cli": False})
@@ -262,8 +270,22 @@ def validate(cfg: TrainConfig) -> list[str]:
         if cfg.method == "spot" and not cfg.target_tpv and len(cfg.source_tpvs) > 1:
             probs.append("--method spot with several --source_tpvs needs --target_tpv (to pick "
                          "the most similar source); generic SPoT takes one mixture prompt")
+    elif cfg.method == "mpt_source":
+        if not cfg.source_tpvs:
+            probs.append("--method mpt_source needs --source_tpvs (the teachers' stage-1 dirs)")
+        if "+" not in cfg.task:
+            probs.append("--method mpt_source trains on a mixture: --task a+b+... (the sources)")
     elif cfg.target_tpv or cfg.source_tpvs:
-        probs.append(f"--target_tpv/--source_tpvs are for dtvg/spot, not --method {cfg.method}")
+        probs.append(f"--target_tpv/--source_tpvs are for dtvg/spot/mpt_source, not "
+                     f"--method {cfg.method}")
+    if cfg.method == "mpt_target" and not cfg.mpt_source:
+        probs.append("--method mpt_target needs --mpt_source DIR (an mpt_source run's output)")
+    if cfg.mpt_hidden not in ("decoder", "encoder"):
+        probs.append("--mpt_hidden: choose decoder or encoder")
+    if cfg.mpt_uv_init not in ("mean", "ones"):
+        probs.append("--mpt_uv_init: choose mean or ones")
+    if cfg.mpt_temperature <= 0:
+        probs.append("--mpt_temperature must be > 0")
     return probs
 
 
@@ -319,6 +341,25 @@ def resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
                       path: str = "ds config") -> tuple[dict[str, Any], dict[str, Any]]:
     """Return (resolved DeepSpeed dict, {flag: value adopted from the JSON}).
 
+    A value of the wrong type (`"optimizer": "adam"`, `"train_batch_size": "x"`) is a
+    ConfigError naming the file, like every other problem of the JSON.
+    """
+    try:
+        ds, adopted = _resolve_ds_config(cfg, ds_in, world_size, path)
+        if zero_stage(ds) not in (0, 1, 2, 3):
+            raise ConfigError([f"{path}: zero_optimization.stage = {zero_stage(ds)}; use 0-3"])
+        return ds, adopted
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise ConfigError([f"{path}: a value has the wrong type or shape ({type(e).__name__}: "
+                           f"{e}); fix the JSON (compare ds_configs/zero3.json)"]) from None
+
+
+def _resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
+                       path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The body of `resolve_ds_config`.
+
     Mutates `cfg` for adopted values so that the config stays the one source of truth at run time.
     """
     ds = copy.deepcopy(ds_in)
@@ -360,6 +401,11 @@ def resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
     want = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
     if tbs == "auto" or "train_batch_size" not in ds:
         ds["train_batch_size"] = want
+    elif int(tbs) % world_size:
+        r.problems.append(
+            f"{path}: train_batch_size = {tbs} does not divide by the world size {world_size}; "
+            f"set it to \"auto\" (= --per_device_train_batch_size x "
+            f"--gradient_accumulation_steps x ranks) or a multiple of {world_size}")
     elif int(tbs) != want:
         r.problems.append(
             f"{path}: train_batch_size = {tbs} but --per_device_train_batch_size "

@@ -32,6 +32,7 @@ from dtvg_ds.methods.base import PromptMethod
 from dtvg_ds.model import (
     PromptedSeq2Seq,
     backbone_fingerprint,
+    check_backbone_source,
     count_parameters,
     init_prompt,
     load_backbone,
@@ -228,8 +229,10 @@ def evaluate(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, task: Ta
             real = len(idx)
             idx = idx or [0]  # a dummy batch keeps this rank in step; its output is dropped
             b = batches.collate(enc, idx, tokenizer.pad_token_id)
+            extra = _to(model.prompter.batch_extras(idx, valid_tasks or []), dev)
             out = model.generate(b["input_ids"].to(dev), b["attention_mask"].to(dev),
-                                 max_new_tokens=cfg.generation_max_length, synced_gpus=synced)
+                                 max_new_tokens=cfg.generation_max_length, synced_gpus=synced,
+                                 **extra)
             text = tokenizer.batch_decode(out, skip_special_tokens=True)
             preds += list(zip(idx[:real], text[:real], strict=True))
     everything = dist.gather_objects(preds)  # collective: every rank sends its predictions
@@ -257,6 +260,7 @@ class Run:
     task: Task
     tokenizer: Any
     train: batches.Encoded
+    train_tasks: list[str]
     valid: batches.Encoded
     valid_tasks: list[str]
     model: PromptedSeq2Seq
@@ -277,8 +281,12 @@ def setup(cfg: TrainConfig) -> Run:
     ds, adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed),
                                     dist.expected_world_size(), cfg.deepspeed)
     inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
+    check_backbone_source(cfg.model_name_or_path, inputs)  # exists; artifacts' backbone
     task = (MixtureTask(cfg.task.split(MIX_SEPARATOR), cfg.data_dir, cfg.mixture_cap)
             if is_mixture(cfg.task) else get_task(cfg.task, cfg.data_dir))
+    train_recs = task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
+                           k_shot=cfg.k_shot)  # empty data, k_shot > data: fail before init
+    valid_recs = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)
     dist.init()
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
@@ -286,14 +294,12 @@ def setup(cfg: TrainConfig) -> Run:
     seed_everything(cfg.seed)
     model_path = resolve_model_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_recs = task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
-                           k_shot=cfg.k_shot)
-    valid_recs = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)
     cache = Path(cfg.cache_dir) / "tokenized" if cfg.tokenized_cache else None
     train, valid = (batches.encode_cached(recs, tokenizer, cfg.max_source_length,
                                           cfg.max_target_length, cache, key=f"{task.name}-{split}")
                     for recs, split in ((train_recs, "train"), (valid_recs, "validation")))
     valid_tasks = [r.get("task", task.name) for r in valid_recs]
+    train_tasks = [r.get("task", task.name) for r in train_recs]
     stage = get_zero_stage(ds)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     keep_alive = None
@@ -327,8 +333,8 @@ def setup(cfg: TrainConfig) -> Run:
     del keep_alive
     info(f"backbone {model_path}: {frozen:,} frozen parameters (0 trainable); prompt "
          f"{n_prompt:,} trainable; ZeRO stage {stage}; world size {dist.world_size()}")
-    return Run(cfg, ds, task, tokenizer, train, valid, valid_tasks, model, method, engine, stage,
-               model_path, meta)
+    return Run(cfg, ds, task, tokenizer, train, train_tasks, valid, valid_tasks, model, method,
+               engine, stage, model_path, meta)
 
 
 def check_replicas(method: PromptMethod, step: int) -> str:
@@ -388,12 +394,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if record is not None:
             method_log.log(record)
         for micro in range(accum):
-            idx = batches.micro_batch_indices(len(run.train), cfg.seed, step * accum + micro,
-                                              mb, rank, world)
-            out = engine(**_to(batches.collate(run.train, idx, run.tokenizer.pad_token_id), dev))
-            engine.backward(out.loss)
+            idx = method.micro_batch(step * accum + micro, run.train_tasks, cfg.seed, mb, rank,
+                                     world)
+            batch = {**batches.collate(run.train, idx, run.tokenizer.pad_token_id),
+                     **method.batch_extras(idx, run.train_tasks)}
+            loss = engine(**_to(batch, dev))
+            engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
-            loss_sum += float(out.loss.detach())
+            loss_sum += float(loss.detach())
             loss_n += 1
         step += 1
         bar.update(1)
@@ -405,7 +413,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             loss = sum(dist.gather_objects(loss_sum / loss_n)) / world  # collective: all ranks
             now = time.time()
             rec = {"step": step, "loss": loss, "lr": engine.get_lr()[0],
-                   "steps_per_second": cfg.logging_steps / max(now - t_last, 1e-9)}
+                   "steps_per_second": cfg.logging_steps / max(now - t_last, 1e-9),
+                   **method.loss_parts()}
             logger.log(rec)
             bar.set_postfix(loss=f"{loss:.4f}")
             loss_sum, loss_n, t_last = 0.0, 0, now

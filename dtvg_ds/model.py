@@ -35,6 +35,37 @@ def backbone_fingerprint(config: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def check_backbone_source(name_or_path: str, inputs: Any = None) -> None:
+    """Before any process group or write: the backbone's config can be read, and every stage-1
+    artifact of `inputs` (a `MethodInputs`) was trained on this architecture. 'demo' (built on
+    first use) is checked after loading, by `check_against_run`."""
+    from dtvg_ds.artifacts import ArtifactError
+    from dtvg_ds.config import DEMO_MODEL
+
+    if name_or_path == DEMO_MODEL:
+        return
+    from transformers import AutoConfig
+
+    local = Path(name_or_path)
+    if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
+        raise ModelLoadError(f"--model_name_or_path {name_or_path}: no such directory; pass a "
+                             "local model dir (with config.json) or a Hub id")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"--model_name_or_path {name_or_path}: could not load its config "
+                             f"({str(e).splitlines()[0][:200]}); check the path / Hub id, or run "
+                             "with HF_HUB_OFFLINE=0") from None
+    fp = backbone_fingerprint(config)
+    arts = [getattr(inputs, "target", None), *getattr(inputs, "sources", ()),
+            getattr(inputs, "mpt_source", None)]
+    for art in (a for a in arts if a is not None):
+        if art.meta["backbone_fingerprint"] != fp:
+            raise ArtifactError(f"{art.path}: trained on backbone {art.meta['backbone']!r} "
+                                f"(fingerprint {art.meta['backbone_fingerprint']}), not on "
+                                f"{name_or_path!r} ({fp}); pass the --model_name_or_path it used")
+
+
 def load_backbone(name_or_path: str, dtype: torch.dtype) -> nn.Module:
     """Load a seq2seq backbone through `from_pretrained` and freeze every parameter.
 
@@ -106,28 +137,39 @@ class PromptedSeq2Seq(nn.Module):
         self.prompter = prompter
         self.backbone = backbone
 
-    def embed(self, input_ids: torch.Tensor,
+    def embed(self, prompt: torch.Tensor, input_ids: torch.Tensor,
               attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[prompt; token embeddings] and the attention mask extended by r ones."""
-        prompt = self.prompter()  # calling the module lets ZeRO-3 fetch its parameters
+        """[prompt; token embeddings] and the attention mask extended by r ones.
+
+        `prompt` is r x d (one prompt for the batch) or B x r x d (one per example, MPT).
+        """
         tokens = self.backbone.get_input_embeddings()(input_ids)
-        b, r = input_ids.shape[0], prompt.shape[0]
-        embeds = torch.cat([prompt.to(tokens.dtype).unsqueeze(0).expand(b, -1, -1), tokens], 1)
-        mask = torch.cat([attention_mask.new_ones(b, r), attention_mask], 1)
+        b = input_ids.shape[0]
+        prompt = prompt.to(tokens.dtype)
+        prompt = prompt.unsqueeze(0).expand(b, -1, -1) if prompt.dim() == 2 else prompt
+        embeds = torch.cat([prompt, tokens], 1)
+        mask = torch.cat([attention_mask.new_ones(b, prompt.shape[1]), attention_mask], 1)
         return embeds, mask
 
+    def run(self, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            labels: torch.Tensor, **kw: Any) -> Any:
+        """The backbone's seq2seq output with `prompt` prepended (loss on `labels`, -100 ignored)."""
+        embeds, mask = self.embed(prompt, input_ids, attention_mask)
+        return self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kw)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor) -> Any:
-        """Seq2seq output (with `.loss`: token cross-entropy on the labels, -100 ignored)."""
-        embeds, mask = self.embed(input_ids, attention_mask)
-        return self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+                labels: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        """The training loss of the method (default: token cross-entropy with its prompt)."""
+        return self.prompter.compute_loss(self, input_ids, attention_mask, labels, **extra)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 max_new_tokens: int, synced_gpus: bool = False) -> torch.Tensor:
+                 max_new_tokens: int, synced_gpus: bool = False,
+                 **extra: torch.Tensor) -> torch.Tensor:
         """Greedy decoding with the prompt; `synced_gpus` must be True on every rank under
         ZeRO-3 unless the backbone is resident (see `dist.backbone_resident`)."""
-        embeds, mask = self.embed(input_ids, attention_mask)
+        prompt = self.prompter(**extra)  # calling the module lets ZeRO-3 fetch its parameters
+        embeds, mask = self.embed(prompt, input_ids, attention_mask)
         return self.backbone.generate(inputs_embeds=embeds, attention_mask=mask,
                                       max_new_tokens=max_new_tokens, do_sample=False,
                                       num_beams=1, synced_gpus=synced_gpus)

@@ -40,7 +40,7 @@ def main() -> None:
                                           cfg.per_device_train_batch_size, dist.rank(),
                                           dist.world_size())
         b = batches.collate(run.train, idx, run.tokenizer.pad_token_id)
-        loss = engine(**b).loss
+        loss = engine(**b)
         engine.backward(loss)
         if step == 0:
             g = deepspeed.utils.safe_get_full_grad(prm)

@@ -200,10 +200,11 @@ def test_a_failing_run_fails_its_job(cluster, tiny_model, tmp_path):
 
 
 def test_two_nodes_two_ranks_requeued_job_resumes(cluster, tiny_model, tmp_path):
-    """2 x 2 ranks; the time-limit signal (sent now instead of 5 min before --time) makes the
-    batch script requeue the job, and the restarted job continues from its newest checkpoint."""
+    """2 x 2 ranks; on the time-limit signal (sent now instead of 5 min before --time) the ranks
+    checkpoint and stop, the batch script requeues the job, and the restart continues from that
+    checkpoint: no step lost."""
     out = tmp_path / "requeue"
-    steps = 40
+    steps = 24
     job = cluster.sbatch(STAGE1, tmp_path / "requeue.out",
                          train_args(tiny_model, out, max_steps=steps, save_steps=4,
                                     per_device_train_batch_size=2, max_train_samples=64),
@@ -228,10 +229,11 @@ def test_two_nodes_two_ranks_requeued_job_resumes(cluster, tiny_model, tmp_path)
     assert job.restarts == 1
     log = job.log()  # --open-mode=append: both runs in one file
     assert "(restart 0)" in log and "(restart 1)" in log and "requeueing job" in log, log[-8000:]
-    m = re.search(r"resumed from \S+step-(\d+) at step (\d+)", log)
-    assert m, log[-8000:]
-    resumed_at = int(m.group(2))
-    assert 4 <= resumed_at < steps, "the requeued run must continue the interrupted one"
+    # every rank checkpointed at the end of the step it was in, and the restart began there
+    stopped = re.search(r"stopped at step (\d+) by a termination signal", log)
+    resumed = re.search(r"resumed from \S+step-(\d+) at step (\d+)", log)
+    assert stopped and resumed, log[-8000:]
+    assert 4 <= int(stopped.group(1)) == int(resumed.group(2)) < steps, log[-8000:]
     assert "2 x 2 ranks (cpu)" in log
     art = load_artifact(out)
     assert art.meta["steps"] == steps

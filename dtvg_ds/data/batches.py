@@ -238,3 +238,25 @@ def encode_cached(records: Sequence[Record], tokenizer: Any, max_source_length: 
             enc = _encode_with_progress(records, tokenizer, max_source_length,
                                         max_target_length, key, False)
     return enc
+
+
+def k_task_micro_batch(by_task: Sequence[Sequence[int]], seed: int, micro_step: int,
+                       micro_batch: int, rank: int, world: int, kappa: int) -> list[int]:
+    """MPT's multi-task batch: draw K ~ U{2..kappa}, pick K tasks, split the global micro batch
+    among them; rank `rank` takes its slice. A pure function of (seed, micro_step), identical
+    on every rank, so it resumes exactly like `micro_batch_indices`.
+
+    `by_task[t]` lists the example indices of task t. Examples are drawn with replacement.
+    """
+    g = torch.Generator().manual_seed(seed * 7919 + micro_step)
+    n_tasks = len(by_task)
+    hi = max(1, min(kappa, n_tasks))
+    k = int(torch.randint(min(2, hi), hi + 1, (1,), generator=g)) if hi >= 2 else 1
+    chosen = torch.randperm(n_tasks, generator=g)[:k].tolist()
+    total = micro_batch * world
+    sizes = [total // k + (1 if i < total % k else 0) for i in range(k)]
+    out: list[int] = []
+    for t, size in zip(chosen, sizes, strict=True):
+        pool = by_task[t]
+        out += [pool[i] for i in torch.randint(len(pool), (size,), generator=g).tolist()]
+    return out[rank * micro_batch:(rank + 1) * micro_batch]

@@ -194,15 +194,17 @@ def pretrain_demo_backbone(
     seed: int = 0,
     log: Callable[[str], None] = print,
     model_kwargs: Mapping[str, Any] | None = None,
+    n_eval: int = N_EVAL,
 ) -> tuple[T5ForConditionalGeneration, dict[str, Any]]:
     """Build the tiny T5 and pretrain it on the prefixed demo-task mixture (no caching).
 
     Single process, plain PyTorch, ``NUM_THREADS`` threads. The caller's global torch RNG
-    state and thread count are restored afterwards. Returns ``(model, stats)``.
+    state and thread count are restored afterwards. ``n_eval`` examples per task (validation
+    split, with prefix) measure progress. Returns ``(model, stats)``.
     """
     tokenizer = build_tokenizer()
     eval_sets = {
-        t: generate(t, N_EVAL, split_seed("validation", seed), with_prefix=True)
+        t: generate(t, n_eval, split_seed("validation", seed), with_prefix=True)
         for t in PRETRAIN_TASKS
     }
     prev_threads = torch.get_num_threads()
@@ -258,7 +260,7 @@ def pretrain_demo_backbone(
         "params": n_params,
         "final_accuracy": accs,
         "accuracy_definition": "greedy first decoder token (argmax over full vocab) == label, "
-        f"{N_EVAL} validation-split examples per task, with task prefix",
+        f"{n_eval} validation-split examples per task, with task prefix",
         "history": history,
     }
     return model, stats
@@ -306,6 +308,7 @@ def ensure_demo_backbone(
     log: Callable[[str], None] = print,
     *,
     model_kwargs: Mapping[str, Any] | None = None,
+    n_eval: int = N_EVAL,
 ) -> Path:
     """Return ``cache_dir`` holding the pretrained demo backbone, building it if needed.
 
@@ -314,8 +317,9 @@ def ensure_demo_backbone(
     the backbone is pretrained (:func:`pretrain_demo_backbone`), saved with
     ``save_pretrained`` (model + tokenizer) into a temp dir next to ``cache_dir`` that gets
     ``DONE.json`` last, and renamed into place. ``model_kwargs`` override
-    :func:`demo_t5_config` arguments. Refuses to replace a non-empty directory that has no
-    ``DONE.json`` (it is not ours).
+    :func:`demo_t5_config` arguments; ``n_eval`` (examples per task for the logged
+    accuracies) does not affect the weights and is not part of the recipe. Refuses to
+    replace a non-empty directory that has no ``DONE.json`` (it is not ours).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -343,7 +347,7 @@ def ensure_demo_backbone(
         # other directory (e.g. by other users' jobs sharing it)
         tmp.chmod(0o755)
         try:
-            model, stats = pretrain_demo_backbone(steps, seed, log, model_kwargs)
+            model, stats = pretrain_demo_backbone(steps, seed, log, model_kwargs, n_eval)
             model.save_pretrained(tmp)
             build_tokenizer().save_pretrained(tmp)
             done = {"recipe_hash": h, "recipe": rec, **stats,

@@ -102,6 +102,9 @@ class Task:
             recs = sp.few_shot(recs, k_shot, seed,
                                    self.labels if self.balanced_few_shot else None)
             shuffled = True
+            if len(recs) < k_shot:
+                raise TaskError(f"--k_shot {k_shot} is larger than the {len(recs)} usable training "
+                                f"examples of task {self.name!r}; lower --k_shot or add data")
         recs = sp.subsample(recs, limit, seed, shuffled=shuffled)
         if not recs:
             raise TaskError(f"task {self.name!r}, split {split!r}: no examples; check --data_dir "
@@ -122,6 +125,11 @@ class Task:
         except SourceError as e:
             hint = "" if data_dir else "; pass --data_dir with local files in the Hub schema"
             raise TaskError(f"task {self.name!r}: {e}{hint}") from None
+        except TaskError:
+            raise
+        except ValueError as e:  # a malformed or empty local file (json, pyarrow)
+            raise TaskError(f"task {self.name!r}, --data_dir {data_dir}: cannot read the {role} "
+                            f"file ({str(e).splitlines()[0][:200]}); fix or replace it") from None
 
     def _rows(self, split: str, data_dir: str, seed: int) -> tuple[list[dict[str, Any]], bool]:
         """Raw rows of our `split` under the split policy, and whether they are shuffled."""

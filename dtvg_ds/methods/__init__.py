@@ -27,4 +27,13 @@ def build_method(cfg: TrainConfig, p_init: torch.Tensor, meta: dict[str, Any],
         return SPoT(p_init, inputs, cfg.spot_per_token)
     if cfg.method == "dtvg":
         return DTVG(p_init, inputs, cfg)
+    if cfg.method == "mpt_source":
+        from dtvg_ds.methods.mpt import MPTSource
+
+        order = {n: i for i, n in enumerate(cfg.task.split("+"))}
+        return MPTSource(p_init, sorted(inputs.sources, key=lambda a: order[a.name]), cfg)
+    if cfg.method == "mpt_target":
+        from dtvg_ds.methods.mpt import MPTTarget
+
+        return MPTTarget(p_init, inputs.mpt_source, cfg.mpt_uv_init)
     raise ValueError(f"--method {cfg.method!r} is not available")

@@ -15,6 +15,7 @@ from torch import nn
 
 from dtvg_ds import dist
 from dtvg_ds.config import TrainConfig
+from dtvg_ds.data import batches
 
 
 class PromptMethod(nn.Module, abc.ABC):
@@ -31,6 +32,29 @@ class PromptMethod(nn.Module, abc.ABC):
     @abc.abstractmethod
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
         """Optimizer parameter groups (each with `params`, `lr`, `weight_decay`, `name`)."""
+
+    def compute_loss(self, model: nn.Module, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, labels: torch.Tensor,
+                     **extra: torch.Tensor) -> torch.Tensor:
+        """The training loss of one micro batch; `model` is the `PromptedSeq2Seq` wrapper.
+
+        Default: token cross-entropy with this step's prompt (calling `self(...)` lets ZeRO-3
+        fetch the prompt parameters)."""
+        return model.run(self(**extra), input_ids, attention_mask, labels).loss
+
+    def micro_batch(self, micro_step: int, ex_tasks: list[str], seed: int, micro_batch: int,
+                    rank: int, world: int) -> list[int]:
+        """Training example indices of this rank's micro batch (default: the epoch stream)."""
+        return batches.micro_batch_indices(len(ex_tasks), seed, micro_step, micro_batch, rank,
+                                           world)
+
+    def batch_extras(self, idx: list[int], ex_tasks: list[str]) -> dict[str, torch.Tensor]:
+        """Extra tensors a method needs per example (MPT: task ids); passed to forward()."""
+        return {}
+
+    def loss_parts(self) -> dict[str, float]:
+        """Named components of the last loss, for logging (e.g. MPT's distillation terms)."""
+        return {}
 
     def on_step_start(self, step: int) -> dict[str, Any] | None:
         """Called on every rank before each optimizer step; may return a record to log."""

@@ -28,6 +28,7 @@ class MethodInputs:
 
     target: PromptArtifact | None
     sources: list[PromptArtifact]
+    mpt_source: PromptArtifact | None = None
 
     @property
     def source_names(self) -> list[str]:
@@ -36,7 +37,11 @@ class MethodInputs:
 
 def load_inputs(cfg: TrainConfig) -> MethodInputs:
     """Load and cross-check --target_tpv / --source_tpvs (no-op for methods without them)."""
-    if cfg.method not in ("dtvg", "spot"):
+    if cfg.method == "mpt_target":
+        src = load_artifact(cfg.mpt_source)
+        _adopt_init(cfg, src)
+        return MethodInputs(None, [], src)
+    if cfg.method not in ("dtvg", "spot", "mpt_source"):
         return MethodInputs(None, [])
     seen: dict[Path, str] = {}
     names: dict[str, str] = {}
@@ -61,7 +66,17 @@ def load_inputs(cfg: TrainConfig) -> MethodInputs:
         names[art.name] = path
         sources.append(art)
     check_compatible(([target] if target else []) + sources)
-    ref = target or sources[0]
+    if cfg.method == "mpt_source":
+        members = sorted(cfg.task.split("+"))
+        if sorted(names) != members:
+            raise ArtifactError(f"--source_tpvs are tasks {sorted(names)} but --task mixes "
+                                f"{members}; give one teacher per mixture task")
+    _adopt_init(cfg, target or sources[0])
+    return MethodInputs(target, sources)
+
+
+def _adopt_init(cfg: TrainConfig, ref: PromptArtifact) -> None:
+    """Prompt length and init settings not given explicitly come from the artifact."""
     for flag, key in _INIT_SETTINGS:
         if flag not in cfg.explicit:
             setattr(cfg, flag, ref.meta[key])
@@ -69,12 +84,12 @@ def load_inputs(cfg: TrainConfig) -> MethodInputs:
             raise ArtifactError(f"--{flag} {getattr(cfg, flag)!r} differs from {ref.path} "
                                 f"({key} = {ref.meta[key]!r}); drop the flag to use the "
                                 "artifact's value")
-    return MethodInputs(target, sources)
 
 
 def check_against_run(inputs: MethodInputs, meta: dict[str, Any], p_init: torch.Tensor) -> None:
     """The artifacts must come from this backbone and this exact P_init."""
-    for art in ([inputs.target] if inputs.target else []) + inputs.sources:
+    arts = ([inputs.target] if inputs.target else []) + inputs.sources
+    for art in arts + ([inputs.mpt_source] if inputs.mpt_source else []):
         if art.meta["backbone_fingerprint"] != meta["backbone_fingerprint"]:
             raise ArtifactError(f"{art.path}: trained on backbone {art.meta['backbone']!r} "
                                 f"(fingerprint {art.meta['backbone_fingerprint']}), not on "

@@ -93,15 +93,19 @@ put it on one (all ranks write checkpoints there)"; }
   _DTVG_CKPT0=$(_dtvg_newest_checkpoint)
   [ -z "$_DTVG_CKPT0" ] || _log "newest checkpoint: ${_DTVG_CKPT0%/trainer_state.json} (--resume ${DTVG_RESUME-auto})"
 
-  # ---- requeue on the time-limit warning -------------------------------------------------------
-  # `#SBATCH --signal=B:USR1@<s>` sends SIGUSR1 to this shell <s> seconds before the time limit.
-  # A job that hits its limit ends as TIMEOUT for good; requeueing it first puts it back in the
-  # queue under the same id (SLURM starts it again after ~2 minutes at the earliest), and the
-  # restarted script resumes (--resume auto) from the last checkpoint, so keep --save_steps
-  # frequent enough for the work you can afford to redo. A job that wrote no checkpoint since it
-  # started is not requeued: it would only repeat the same work (e.g. --time shorter than the
-  # signal's lead time, which sends the signal at once).
-  trap _dtvg_requeue USR1
+  # ---- stop cleanly and requeue on the time-limit warning -------------------------------------
+  # `#SBATCH --signal=B:USR1@<s>` sends SIGUSR1 to this shell <s> seconds before the time limit
+  # (a job that reaches its limit ends as TIMEOUT for good). The shell then passes SIGUSR1 on to
+  # the training step: every rank finishes its current step, they write a checkpoint together
+  # and exit (launchers/train.py exits 3). Then the job is requeued under the same id; SLURM
+  # starts it again (after ~2 minutes at the earliest) and it resumes (--resume auto) from that
+  # checkpoint, so no step is lost. torchrun itself ignores SIGUSR1 (`trap '' USR1` before its
+  # exec; an ignored signal stays ignored across exec), so it neither dies nor cuts the ranks'
+  # checkpoint short with its own 30-s SIGTERM->SIGKILL shutdown. The job is not requeued if the
+  # run finished anyway, or wrote no checkpoint since this job started (it would only repeat the
+  # same work, e.g. when --time is shorter than the signal's lead time, which signals at once).
+  _DTVG_STOPPING=0
+  trap _dtvg_on_time_limit USR1
 
   # ---- one torchrun per node ------------------------------------------------------------------
   # The single quotes matter: $SLURM_NODEID must be expanded by each node's task, not once here.
@@ -109,7 +113,7 @@ put it on one (all ranks write checkpoints there)"; }
   # --kill-on-bad-exit: one failing node ends the whole step instead of leaving the others
   # waiting in a collective until the process-group timeout.
   srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="$cpus" --label \
-    bash -c 'exec "$DTVG_PYTHON" -m torch.distributed.run \
+    bash -c 'trap "" USR1; exec "$DTVG_PYTHON" -m torch.distributed.run \
       --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node="$NPROC_PER_NODE" \
       --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --max_restarts=0 \
       "$DTVG_ROOT/launchers/train.py" "$@"' dtvg-node "${args[@]}" &
@@ -120,9 +124,19 @@ put it on one (all ranks write checkpoints there)"; }
     if wait "$srun_pid"; then rc=0; else rc=$?; fi
     kill -0 "$srun_pid" 2>/dev/null || break
   done
-  trap '' USR1  # a late signal must neither requeue a finished run nor kill this shell
+  trap '' USR1  # from here on a late signal changes nothing
   _log "srun exited with status $rc"
+  if [ "$_DTVG_STOPPING" = 1 ] && [ "$rc" != 0 ] && _dtvg_requeue; then
+    return 0  # SLURM ends this allocation and queues the job again
+  fi
   return "$rc"
+}
+
+_dtvg_on_time_limit() {  # USR1 trap: ask every rank of the training step to checkpoint and stop
+  _DTVG_STOPPING=1
+  _log "SIGUSR1: the time limit is near; asking the ranks to checkpoint at the end of this step and stop"
+  # without --batch/--full, scancel signals the job's steps only, not this shell
+  scancel --signal=USR1 "$SLURM_JOB_ID" || _log "scancel --signal=USR1 $SLURM_JOB_ID failed"
 }
 
 _dtvg_newest_checkpoint() {  # newest complete checkpoint of the run (trainer_state.json is written last)
@@ -132,16 +146,20 @@ _dtvg_newest_checkpoint() {  # newest complete checkpoint of the run (trainer_st
   echo "$newest"
 }
 
-_dtvg_requeue() {
+_dtvg_requeue() {  # requeue this job if that makes progress; status 0 iff requeued
   if [ "${SLURM_RESTART_COUNT:-0}" -ge "${DTVG_MAX_REQUEUES:-20}" ]; then
-    _log "SIGUSR1 (time limit near), but the job was already restarted ${SLURM_RESTART_COUNT} times; not requeueing"
-    return
+    _log "not requeueing: the job was already restarted ${SLURM_RESTART_COUNT} times (DTVG_MAX_REQUEUES)"
+    return 1
   fi
-  if [ -n "${_DTVG_OUT:-}" ] && [ "$(_dtvg_newest_checkpoint)" = "${_DTVG_CKPT0:-}" ]; then
-    _log "SIGUSR1 (time limit near), but no checkpoint was written since this job started: not \
-requeueing (it would repeat the same work); raise --time or lower --save_steps"
-    return
+  local newest
+  newest=$(_dtvg_newest_checkpoint)
+  if [ -n "${_DTVG_OUT:-}" ] && [ "$newest" = "${_DTVG_CKPT0:-}" ]; then
+    _log "not requeueing: no checkpoint was written since this job started, a restart would \
+repeat the same work; raise --time or lower --save_steps"
+    return 1
   fi
-  _log "SIGUSR1 (time limit near): requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint"
-  scontrol requeue "$SLURM_JOB_ID" || _log "scontrol requeue failed (submitted with --no-requeue?)"
+  _log "requeueing job $SLURM_JOB_ID; it will resume from ${newest%/trainer_state.json}"
+  scontrol requeue "$SLURM_JOB_ID" && return 0
+  _log "scontrol requeue $SLURM_JOB_ID failed (submitted with --no-requeue?)"
+  return 1
 }

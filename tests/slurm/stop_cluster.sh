@@ -46,7 +46,8 @@ stop_pid slurmctld "$DIR/pids/slurmctld.pid"
 stop_pid munged "$DIR/pids/munged.pid"
 
 # 3. job steps outlive slurmd by design; a slurmstepd of ours is one whose open files are in DIR
-#    (its step socket and log). Stop those, and report if anything of ours is still running.
+#    (its step socket). Normally step 1 ended them all; if not (e.g. slurmd died first), stop them
+#    together with the job processes below them (found before they are orphaned).
 ours() {
   local p
   for p in /proc/[0-9]*; do
@@ -54,15 +55,22 @@ ours() {
     ls -l "$p/fd" 2>/dev/null | grep -q -- "-> $DIR/" && echo "${p#/proc/}"
   done
 }
+below() {  # below PID: every descendant of PID
+  local k
+  for k in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$k"; below "$k"; done
+}
+started() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $20}'; }  # start time
+left=()
 for pid in $(ours); do
-  echo "stop_cluster: stopping leftover slurmstepd (pid $pid)"
-  kill -TERM "$pid" 2>/dev/null
+  tree="$pid $(below "$pid" | tr '\n' ' ')"
+  echo "stop_cluster: stopping leftover slurmstepd $pid and its processes: $tree"
+  for p in $tree; do left+=("$p:$(started "$p")"); kill -TERM "$p" 2>/dev/null; done
 done
-sleep 0.5
-left=$(ours)
-if [ -n "$left" ]; then
-  # shellcheck disable=SC2086
-  kill -KILL $left 2>/dev/null
+if [ "${#left[@]}" -gt 0 ]; then
+  sleep 2
+  for e in "${left[@]}"; do  # SIGKILL only the same processes (pid and start time) still there
+    [ -n "${e#*:}" ] && [ "$(started "${e%%:*}")" = "${e#*:}" ] && kill -KILL "${e%%:*}" 2>/dev/null
+  done
 fi
 for f in "$DIR"/pids/*.pid; do
   [ -e "$f" ] || continue

@@ -1,0 +1,158 @@
+"""MPT: multitask prompt tuning (Wang et al., ICLR 2023) on the same engine.
+
+Source training (`mpt_source`): a shared prompt P* and rank-one task factors u_k (r), v_k (d);
+the student prompt of task k is P_k = P* (.) (u_k v_k^T). The teachers are the stage-1 prompts
+of the source tasks, run through the *same* frozen (possibly ZeRO-3 sharded) backbone under
+no_grad: never a second copy of the backbone. Loss: L_PLM + lambda (L_logits + L_hidden), with
+L_logits = KL(teacher || student) on temperature-softened target-token distributions and
+L_hidden = MSE of hidden states (`--mpt_hidden`):
+  - "decoder" (default): the decoder's final hidden state (after the final layer norm, the
+    input of the LM head) at every target position: where student and teacher must agree for
+    the logits to agree;
+  - "encoder": the encoder's final hidden state over [prompt; input] positions.
+Each batch draws K ~ U{2..kappa} tasks (`batches.k_task_micro_batch`).
+
+Target adaptation (`mpt_target`): P = P* (.) (u v^T), u and v initialised from the mean of the
+source factors (or ones, `--mpt_uv_init`), training P*, u and v with L_PLM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dtvg_ds import dist, prompt_math
+from dtvg_ds.artifacts import PromptArtifact
+from dtvg_ds.config import TrainConfig
+from dtvg_ds.data import batches
+from dtvg_ds.methods.base import PromptMethod
+
+
+def _factors(k: int, r: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """u, v near 1 with small seeded noise (as PEFT does), so the tasks' students differ."""
+    g = torch.Generator().manual_seed(seed)
+    return 1 + 0.02 * torch.randn(k, r, generator=g), 1 + 0.02 * torch.randn(k, d, generator=g)
+
+
+class MPTSource(PromptMethod):
+    """Shared P* + per-task (u_k, v_k), distilled from the source tasks' stage-1 prompts."""
+
+    name = "mpt_source"
+
+    def __init__(self, p_init: torch.Tensor, teachers: list[PromptArtifact], cfg: TrainConfig):
+        super().__init__(p_init)
+        r, d = p_init.shape
+        self.task_names = [t.name for t in teachers]
+        self.task_index = {n: i for i, n in enumerate(self.task_names)}
+        self.shared = nn.Parameter(p_init.clone())
+        u, v = _factors(len(teachers), r, d, cfg.prompt_init_seed)
+        self.u, self.v = nn.Parameter(u), nn.Parameter(v)
+        # Frozen teacher prompts: a plain tensor (never partitioned, never cast to bf16).
+        self.teachers = torch.stack([t.prompt.float() for t in teachers])
+        self.lam, self.temperature, self.hidden = cfg.mpt_lambda, cfg.mpt_temperature, cfg.mpt_hidden
+        self.kappa = cfg.mpt_kappa or len(teachers)
+        self._parts: dict[str, float] = {}
+
+    def forward(self, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if task_ids is None:  # no task: the shared prompt itself (what a target starts from)
+            return self.shared
+        return self.shared.unsqueeze(0) * self.u[task_ids].unsqueeze(2) * self.v[task_ids].unsqueeze(1)
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
+        return [{"params": [self.shared, self.u, self.v], "lr": cfg.learning_rate,
+                 "weight_decay": cfg.weight_decay, "name": "mpt"}]
+
+    def micro_batch(self, micro_step: int, ex_tasks: list[str], seed: int, micro_batch: int,
+                    rank: int, world: int) -> list[int]:
+        by_task = [[i for i, t in enumerate(ex_tasks) if t == n] for n in self.task_names]
+        return batches.k_task_micro_batch(by_task, seed, micro_step, micro_batch, rank, world,
+                                          self.kappa)
+
+    def batch_extras(self, idx: list[int], ex_tasks: list[str]) -> dict[str, torch.Tensor]:
+        if not ex_tasks:
+            return {}
+        return {"task_ids": torch.tensor([self.task_index[ex_tasks[i]] for i in idx])}
+
+    def compute_loss(self, model: nn.Module, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, labels: torch.Tensor,
+                     task_ids: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        want_hidden = self.hidden == "decoder"
+        student = model.run(self(task_ids), input_ids, attention_mask, labels,
+                            output_hidden_states=want_hidden)
+        if self.lam == 0:
+            self._parts = {"loss_plm": float(student.loss.detach())}
+            return student.loss
+        with torch.no_grad():  # the teacher: same backbone, teacher prompt, no graph
+            teacher_prompt = self.teachers.to(input_ids.device)[task_ids]
+            teacher = model.run(teacher_prompt, input_ids, attention_mask, labels,
+                                output_hidden_states=want_hidden)
+        tok_mask = labels != -100
+        l_logits = prompt_math.distill_logits_loss(student.logits, teacher.logits,
+                                                   self.temperature, tok_mask)
+        if want_hidden:
+            hs, ht, hmask = student.decoder_hidden_states[-1], teacher.decoder_hidden_states[-1], tok_mask
+        else:
+            r = self.shared.shape[0]
+            hmask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], r), attention_mask], 1)
+            hs, ht = student.encoder_last_hidden_state, teacher.encoder_last_hidden_state
+        l_hidden = prompt_math.distill_hidden_loss(hs, ht, hmask.bool())
+        self._parts = {"loss_plm": float(student.loss.detach()),
+                       "loss_logits": float(l_logits.detach()),
+                       "loss_hidden": float(l_hidden.detach())}
+        return student.loss + self.lam * (l_logits + l_hidden)
+
+    def loss_parts(self) -> dict[str, float]:
+        return dict(self._parts)
+
+    def export_prompt(self) -> torch.Tensor:
+        with dist.gathered([self.shared]):
+            return self.shared.detach().float().cpu().clone()
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        with dist.gathered([self.u, self.v]):
+            return {"u": self.u.detach().float().cpu().clone(),
+                    "v": self.v.detach().float().cpu().clone()}
+
+    def artifact_meta(self) -> dict[str, Any]:
+        return {"mpt_tasks": self.task_names, "mpt_lambda": self.lam,
+                "mpt_temperature": self.temperature, "mpt_hidden": self.hidden,
+                "mpt_kappa": self.kappa}
+
+
+class MPTTarget(PromptMethod):
+    """P = P* (.) (u v^T) from an MPT source artifact; trains P*, u and v on the target."""
+
+    name = "mpt_target"
+
+    def __init__(self, p_init: torch.Tensor, source: PromptArtifact, uv_init: str):
+        super().__init__(p_init)
+        if "u" not in source.tensors or "v" not in source.tensors:
+            from dtvg_ds.artifacts import ArtifactError
+
+            raise ArtifactError(f"{source.path}: not an MPT source artifact (no u/v tensors); "
+                                "pass the output dir of a --method mpt_source run")
+        self.shared = nn.Parameter(source.prompt.clone().float())
+        u, v = source.tensors["u"].float(), source.tensors["v"].float()
+        r, d = self.shared.shape
+        self.u = nn.Parameter(u.mean(0) if uv_init == "mean" else torch.ones(r))
+        self.v = nn.Parameter(v.mean(0) if uv_init == "mean" else torch.ones(d))
+        self.source_tasks = source.meta.get("extra", {}).get("mpt_tasks", [])
+        self.uv_init = uv_init
+
+    def forward(self, **_: Any) -> torch.Tensor:
+        return prompt_math.mpt_prompt(self.shared, self.u, self.v)
+
+    def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
+        return [{"params": [self.shared, self.u, self.v], "lr": cfg.learning_rate,
+                 "weight_decay": cfg.weight_decay, "name": "mpt"}]
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        with dist.gathered([self.shared, self.u, self.v]):
+            return {"shared": self.shared.detach().float().cpu().clone(),
+                    "u": self.u.detach().float().cpu().clone(),
+                    "v": self.v.detach().float().cpu().clone()}
+
+    def artifact_meta(self) -> dict[str, Any]:
+        return {"mpt_source_tasks": self.source_tasks, "mpt_uv_init": self.uv_init}
