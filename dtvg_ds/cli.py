@@ -63,9 +63,19 @@ def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
 
 def _report(e: Exception) -> None:
     """One `error:` line per problem (a ConfigError may list several)."""
+    _close_progress_bars()
     problems = e.problems if isinstance(e, ConfigError) else [str(e)]
-    for p in problems:
-        print(f"error: {' '.join(str(p).split())}", file=sys.stderr, flush=True)
+    # one write per line: ranks share the launcher's stderr, and print() writes the text and
+    # the newline separately, which interleaves two ranks' lines
+    sys.stderr.write("".join(f"error: {' '.join(str(p).split())}\n" for p in problems))
+    sys.stderr.flush()
+
+
+def _close_progress_bars() -> None:
+    """End a live tqdm bar's line, so that `error:` starts a line of its own."""
+    tq = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tq, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def check_output_writable(out_dir: str, may_write_into: bool = False) -> None:

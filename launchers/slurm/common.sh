@@ -39,8 +39,10 @@ dtvg_slurm_launch() {  # dtvg_slurm_launch <train.py args...>
     NPROC_PER_NODE=${NPROC_PER_NODE:-1}
   else
     NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
-    [ -n "$NPROC_PER_NODE" ] && [ "$NPROC_PER_NODE" != 0 ] || _die "no GPUs in this allocation: \
-request them (sbatch --gpus-per-node=G), or set NPROC_PER_NODE, or DS_ACCELERATOR=cpu for CPU ranks"
+    if [ -z "$NPROC_PER_NODE" ] || [ "$NPROC_PER_NODE" = 0 ]; then
+      _die "no GPUs in this allocation: request them (sbatch --gpus-per-node=G), or set \
+NPROC_PER_NODE, or DS_ACCELERATOR=cpu for CPU ranks"
+    fi
   fi
   export NPROC_PER_NODE
 
@@ -84,6 +86,7 @@ request them (sbatch --gpus-per-node=G), or set NPROC_PER_NODE, or DS_ACCELERATO
     local marker
     marker=$(cd "$_DTVG_OUT" && pwd)/.slurm-shared-check.$SLURM_JOB_ID
     touch "$marker"
+    # shellcheck disable=SC2016  # expanded by the task on each node
     srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=1 \
       bash -c '[ -e "$1" ] || { echo "node $SLURMD_NODENAME cannot see $1" >&2; exit 1; }' _ "$marker" \
       || { rm -f "$marker"; _die "--output_dir $_DTVG_OUT is not on a filesystem shared by all nodes; \
@@ -112,6 +115,7 @@ put it on one (all ranks write checkpoints there)"; }
   # torchrun runs as `python -m torch.distributed.run` of DTVG_PYTHON (same thing, right venv).
   # --kill-on-bad-exit: one failing node ends the whole step instead of leaving the others
   # waiting in a collective until the process-group timeout.
+  # shellcheck disable=SC2016  # expanded by the task on each node
   srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task="$cpus" --label \
     bash -c 'trap "" USR1; exec "$DTVG_PYTHON" -m torch.distributed.run \
       --nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node="$NPROC_PER_NODE" \

@@ -48,7 +48,7 @@ log "$(slurmctld -V), munge $(munged --version 2>&1 | awk '{print $1; exit}')"
 # ---- 2. directories ---------------------------------------------------------------------------
 mkdir -p "$DIR"
 chmod 0755 "$DIR"  # the munge user must traverse it to its socket directory
-rm -rf "$DIR/etc" "$DIR/spool" "$DIR/log" "$DIR/pids" "$DIR/munge"
+rm -rf "${DIR:?}/etc" "$DIR/spool" "$DIR/log" "$DIR/pids" "$DIR/munge"
 mkdir -p "$DIR/etc" "$DIR/spool/ctld" "$DIR/log" "$DIR/pids"
 install -d -o munge -g munge -m 0711 "$DIR/munge"  # munged wants x for all on its socket dir
 

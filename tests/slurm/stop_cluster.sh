@@ -18,7 +18,7 @@ alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if alive "$DIR/pids/slurmctld.pid" && [ -f "$SLURM_CONF" ]; then
   jobs=$(squeue -h -o %i 2>/dev/null)
   if [ -n "$jobs" ]; then
-    echo "stop_cluster: cancelling jobs $(echo $jobs)"
+    echo "stop_cluster: cancelling jobs ${jobs//$'\n'/ }"
     # shellcheck disable=SC2086
     scancel $jobs 2>/dev/null
     for _ in $(seq 60); do [ -z "$(squeue -h -o %i 2>/dev/null)" ] && break; sleep 0.5; done
@@ -49,10 +49,12 @@ stop_pid munged "$DIR/pids/munged.pid"
 #    (its step socket). Normally step 1 ended them all; if not (e.g. slurmd died first), stop them
 #    together with the job processes below them (found before they are orphaned).
 ours() {
-  local p
+  local p fd
   for p in /proc/[0-9]*; do
     [ "$(cat "$p/comm" 2>/dev/null)" = slurmstepd ] || continue
-    ls -l "$p/fd" 2>/dev/null | grep -q -- "-> $DIR/" && echo "${p#/proc/}"
+    for fd in "$p"/fd/*; do
+      if [[ "$(readlink "$fd" 2>/dev/null)" == "$DIR/"* ]]; then echo "${p#/proc/}"; break; fi
+    done
   done
 }
 below() {  # below PID: every descendant of PID
