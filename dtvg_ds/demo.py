@@ -72,7 +72,7 @@ def _group_timeline(groups_jsonl: Path) -> list[str]:
     lines, start = [], 0
     for i, r in enumerate(recs):
         last = i == len(recs) - 1
-        if last or recs[i + 1]["group"] != r["group"]:
+        if last or set(recs[i + 1]["group"]) != set(r["group"]):  # same members, any rank order
             ts = ", ".join(f"{k} {v * 1e3:+.1f}" for k, v in r["ts"].items())
             lines.append(f"  steps {recs[start]['step']:>4}-{r['step']:<4} group {r['group']}"
                          f"   (TS x1e3 at step {r['step']}: {ts})")
