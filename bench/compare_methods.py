@@ -2,7 +2,8 @@
 
 Every run is a real `deepspeed` launch of launchers/train.py (2 CPU ranks, ZeRO-3) made by
 `dtvg_ds.demo._launch`, with the demo's settings (`dtvg_ds.demo._common`: r = 20, micro batch 16
-per rank, 400 validation examples, warmup 10, 4 evaluations per run).
+per rank, 400 validation examples, warmup 10, evaluation every max_steps // 4 steps and at the
+last step).
 
     .venv/bin/python bench/compare_methods.py [--targets senti_c [senti_c_flip]] \
         [--seeds 1 2 3] [--stage2_steps 200] [--max_minutes 0] [--report_only]
@@ -17,8 +18,8 @@ Fair budget (say it, then do it):
   prompt tuning on the target: they get the whole target budget, stage-1 steps + stage-2 steps,
   at the stage-1 learning rate 0.3.
 - Same seed => same data order (the batch is a pure function of (seed, step)), so stage-2
-  methods of one seed see the same batches; each run is scored by its best of 4 evaluations
-  (the same number of looks at the validation set for every run) and by its last evaluation.
+  methods of one seed see the same batches; each run is scored by its best evaluation
+  (every run gets the same number of looks at the validation set) and by its last evaluation.
 
 Runs go under `--out` (default bench/out/methods, git-ignored); a run that finished is reused
 (its dir holds tpv.json with steps == max_steps), a partial one is redone. The report is written
@@ -254,7 +255,8 @@ def report(summary: dict[str, Any]) -> str:
         f"- Backbone: the embedded demo T5 (`--model_name_or_path demo`, cached in "
         f"`.cache/demo_backbone`); {a['ranks']} CPU ranks, `ds_configs/zero3.json`, fp32; "
         "r = 20 soft tokens, micro batch 16 per rank (32 per step), 400 validation examples, "
-        "warmup 10 steps then linear decay, 4 evaluations per run (`dtvg_ds.demo._common`).",
+        "warmup 10 steps then linear decay, evaluation every max_steps // 4 steps and at the last "
+        f"step, i.e. {summary['evals_per_run']} evaluations per run (`dtvg_ds.demo._common`).",
         f"- Sources: {', '.join(a['sources'])}. Stage-1 artifacts: "
         + "; ".join(f"`{t}` <- `{p}` ({s} steps, seed {sd}, best val acc {_f(b)})"
                     for t, (p, s, b, sd) in summary["stage1"].items()) + ".",
@@ -273,7 +275,7 @@ def report(summary: dict[str, Any]) -> str:
         "see the same batches (data order is a pure function of (seed, step)).",
         "",
         "Metric: validation accuracy (x100) of the generated yes/no answer on 400 validation "
-        "examples. **best** = the run's `tpv.json` `best_metric` (best of its 4 evaluations, "
+        "examples. **best** = the run's `tpv.json` `best_metric` (best of its evaluations, "
         "selected on the same validation set, so optimistic by the same number of looks for "
         "every run); **last** = the run's final evaluation (`metrics.jsonl`). One validation "
         "example is 0.25 points.",
@@ -368,9 +370,10 @@ def report(summary: dict[str, Any]) -> str:
             if r:
                 lines.append(_cmd(r["args"], a["ranks"]))
     lines += ["```", "", "## Runtime", "",
-              f"- Total wall time of this invocation: {summary['total_seconds'] / 60:.1f} min "
-              f"({summary['n_launched']} runs launched, {summary['n_reused']} reused from an "
-              "earlier invocation).",
+              "- Invocations of this script (wall time, runs launched / reused): "
+              + "; ".join(f"`{i['command']}` at {i['started']}: {i['seconds'] / 60:.1f} min, "
+                          f"{i['launched']} / {i['reused']}" for i in summary["invocations"])
+              + ".",
               f"- Sum of the wall times of all {summary['n_runs_total']} benchmark runs (all "
               f"invocations): {summary['sum_run_seconds'] / 60:.1f} min.",
               "- Wall time per run including launch and start-up (mean over runs): "
@@ -499,15 +502,25 @@ def main(argv: list[str] | None = None) -> None:
             v = [r["steps_per_second_median"] for r in e["per_seed"].values()
                  if r["steps_per_second_median"]]
             speed.setdefault(meth, []).extend(v)
+    command = "python bench/compare_methods.py " + " ".join(argv if argv is not None
+                                                            else sys.argv[1:])
+    inv_log = out / "invocations.jsonl"
+    if not args.report_only:  # the training invocations, kept across report-only re-runs
+        with inv_log.open("a") as f:
+            f.write(json.dumps({
+                "command": command, "seconds": time.time() - t_start,
+                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)),
+                "launched": sum(not r["reused"] for _, r in timings),
+                "reused": sum(r["reused"] for _, r in timings)}) + "\n")
+    invocations = read_jsonl(inv_log)
     summary = {
-        "command": "python bench/compare_methods.py " + " ".join(argv if argv is not None
-                                                                 else sys.argv[1:]),
+        "command": command,
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "settings": {**vars(args), "sources": args.sources}, "machine": machine(),
         "stage1": stage1, "targets": targets,
-        "total_seconds": time.time() - t_start,
-        "n_launched": sum(not r["reused"] for _, r in timings),
-        "n_reused": sum(r["reused"] for _, r in timings),
+        "invocations": invocations,
+        "evals_per_run": sorted({len(r["curve"]) for t in targets.values()
+                                 for e in t["methods"].values() for r in e["per_seed"].values()}),
         "seconds_by_method": {k: statistics.fmean(v) for k, v in secs.items()},
         "sum_run_seconds": sum(r["seconds"] for _, r in all_bench), "n_runs_total": len(all_bench),
         "speed_by_method": {k: statistics.median(v) for k, v in speed.items() if v},

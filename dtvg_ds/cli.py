@@ -43,7 +43,8 @@ def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
         check_output_writable(cfg.output_dir, bool(cfg.resume or cfg.overwrite_output_dir))
         fn(cfg)
     except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
+        _close_progress_bars()
+        sys.stderr.write(f"preempted: {e}\n")
         return 3
     except USER_ERRORS as e:
         if debug:
@@ -101,7 +102,9 @@ def check_output_writable(out_dir: str, may_write_into: bool = False) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=".dtvg_ds-write-probe-", dir=here)
         try:
-            os.write(fd, b"\0" * 4096)
+            data = memoryview(b"\0" * 4096)
+            while data:  # a full disk or a size limit may first accept part of a write
+                data = data[os.write(fd, data):]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -365,18 +365,47 @@ def export(run: Run, best: Best, steps: int) -> Path:
     return out
 
 
+def _micro_steps(run: Run, step: int, dev: torch.device) -> float:
+    """One optimizer step: forward/backward over the accumulated micro batches; loss sum."""
+    cfg, engine, method = run.cfg, run.engine, run.method
+    accum, total = cfg.gradient_accumulation_steps, 0.0
+    for micro in range(accum):
+        idx = method.micro_batch(step * accum + micro, run.train_tasks, cfg.seed,
+                                 cfg.per_device_train_batch_size, dist.rank(), dist.world_size())
+        batch = {**batches.collate(run.train, idx, run.tokenizer.pad_token_id),
+                 **method.batch_extras(idx, run.train_tasks)}
+        loss = engine(**_to(batch, dev))  # the method's loss with its prompt of this step
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
+        total += float(loss.detach())
+    if not math.isfinite(total):
+        raise TrainingError(f"step {step + 1}: loss is {total}; lower --learning_rate")
+    return total
+
+
+def _save(run: Run, step: int, best: Best) -> None:
+    checkpoint.save(run.engine, run.cfg.output_dir, step,
+                    {"best_score": best.score, "best_step": best.step,
+                     "best_metrics": best.metrics, "method_state": run.method.extra_state()},
+                    best.tensors, run.cfg.save_total_limit)
+
+
+def _every(n: int, step: int, last: int) -> bool:
+    return bool(n and step % n == 0) or step == last
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training end to end; returns a summary (same on all ranks)."""
     stop_signal = _StopSignal()
+    configure_threads()
     run = setup(cfg)
     engine, method, dev = run.engine, run.method, _device()
-    rank, world = dist.rank(), dist.world_size()
     logger = RunLogger(cfg.output_dir, cfg.report_to == "tensorboard")
     method_log = RunLogger(cfg.output_dir, False, method.log_name)
     if dist.is_main():
         artifacts.atomic_write_json(Path(cfg.output_dir) / "run_config.json",
                                     {"config": cfg.to_dict(), "deepspeed": run.ds,
-                                     "world_size": world})
+                                     "world_size": dist.world_size()})
     best, step = Best(), 0
     resume_dir = checkpoint.find_resume(cfg.output_dir, cfg.resume)
     if resume_dir is not None:
@@ -385,7 +414,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         best = Best(state["best_score"], state["best_step"], state["best_metrics"], best_t)
         method.load_extra_state(state["method_state"])
         info(f"resumed from {resume_dir} at step {step}")
-    accum, mb = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
     engine.train()
     bar = progress(cfg.max_steps, step)
     loss_sum, loss_n, t_last = 0.0, 0, time.time()
@@ -393,46 +421,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         record = method.on_step_start(step)  # all ranks (DTVG: rank 0 decides, broadcasts)
         if record is not None:
             method_log.log(record)
-        for micro in range(accum):
-            idx = method.micro_batch(step * accum + micro, run.train_tasks, cfg.seed, mb, rank,
-                                     world)
-            batch = {**batches.collate(run.train, idx, run.tokenizer.pad_token_id),
-                     **method.batch_extras(idx, run.train_tasks)}
-            loss = engine(**_to(batch, dev))
-            engine.backward(loss)
-            engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
-            loss_sum += float(loss.detach())
-            loss_n += 1
+        loss_sum += _micro_steps(run, step, dev)
+        loss_n += cfg.gradient_accumulation_steps
         step += 1
         bar.update(1)
-        if cfg.fingerprint_every and (step % cfg.fingerprint_every == 0 or step == cfg.max_steps):
+        if cfg.fingerprint_every and _every(cfg.fingerprint_every, step, cfg.max_steps):
             check_replicas(method, step)
-        if not math.isfinite(loss_sum):
-            raise TrainingError(f"step {step}: loss is {loss_sum}; lower --learning_rate")
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            loss = sum(dist.gather_objects(loss_sum / loss_n)) / world  # collective: all ranks
+        if _every(cfg.logging_steps, step, cfg.max_steps):
+            loss = sum(dist.gather_objects(loss_sum / loss_n)) / dist.world_size()  # collective
             now = time.time()
-            rec = {"step": step, "loss": loss, "lr": engine.get_lr()[0],
-                   "steps_per_second": cfg.logging_steps / max(now - t_last, 1e-9),
-                   **method.loss_parts()}
-            logger.log(rec)
+            logger.log({"step": step, "loss": loss, "lr": engine.get_lr()[0],
+                        "steps_per_second": cfg.logging_steps / max(now - t_last, 1e-9),
+                        **method.loss_parts()})
             bar.set_postfix(loss=f"{loss:.4f}")
             loss_sum, loss_n, t_last = 0.0, 0, now
-        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
+        if _every(cfg.eval_steps, step, cfg.max_steps):
             res = evaluate(engine, run.model, run.valid, run.task, run.tokenizer, cfg,
                            run.zero_stage, run.valid_tasks)
-            logger.log({"step": step, **{f"eval_{k}" if not k.startswith("eval") else k: v
+            logger.log({"step": step, **{k if k.startswith("eval") else f"eval_{k}": v
                                          for k, v in res.items()}})
-            if res["score"] > best.score:
+            if res["score"] > best.score:  # keep the best prompt (all ranks hold the same)
                 best = Best(res["score"], step, res, _best_tensors(method))
                 export(run, best, step)
         preempted = dist.any_rank(stop_signal.signum is not None)  # collective: 4 bytes
         stopping = step == cfg.stop_at_step or preempted
-        if (cfg.save_steps and step % cfg.save_steps == 0) or step == cfg.max_steps or stopping:
-            checkpoint.save(engine, cfg.output_dir, step,
-                            {"best_score": best.score, "best_step": best.step,
-                             "best_metrics": best.metrics, "method_state": method.extra_state()},
-                            best.tensors, cfg.save_total_limit)
+        if _every(cfg.save_steps, step, cfg.max_steps) or stopping:
+            _save(run, step, best)
         if stopping:
             bar.close()
             why = "a termination signal" if preempted else "--stop_at_step"
@@ -456,6 +470,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def configure_threads() -> None:
-    """On CPU, one thread per rank unless the user set OMP_NUM_THREADS (ranks share cores)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
+    """CPU ranks share the machine's cores: without OMP_NUM_THREADS, give each local rank an
+    equal share instead of letting every rank spawn one thread per core (they would fight)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if "OMP_NUM_THREADS" in os.environ or get_accelerator().device_name() != "cpu":
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))

@@ -118,9 +118,10 @@ def _start_failed(reason: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(request):
     # A short path: slurmd's per-step unix sockets live under it (108-byte limit).
     state_dir = Path(tempfile.mkdtemp(prefix="dtvg-slurm-", dir="/tmp"))
+    failed_before = request.session.testsfailed
     try:
         try:
             p = subprocess.run(["bash", str(HARNESS / "start_cluster.sh"), str(state_dir), "2"],
@@ -136,11 +137,12 @@ def cluster():
     finally:
         s = subprocess.run(["bash", str(HARNESS / "stop_cluster.sh"), str(state_dir)],
                            capture_output=True, text=True, timeout=180)
-        if s.returncode == 0:
+        if s.returncode != 0:
+            print(f"stop_cluster.sh failed ({s.returncode}):\n{s.stdout}{s.stderr}", file=sys.stderr)
+        if s.returncode == 0 and request.session.testsfailed == failed_before:
             shutil.rmtree(state_dir, ignore_errors=True)
-        else:  # keep the logs; say so
-            print(f"stop_cluster.sh failed ({s.returncode}), state kept in {state_dir}:\n"
-                  f"{s.stdout}{s.stderr}", file=sys.stderr)
+        else:  # keep the daemon logs for the post-mortem
+            print(f"SLURM test cluster state and logs kept in {state_dir}", file=sys.stderr)
 
 
 def _rendezvous(job: Job) -> str:
