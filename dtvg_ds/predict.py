@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtvg_ds.artifacts import ArtifactError, PromptArtifact, load_artifact
+from dtvg_ds.artifacts import ArtifactError, PromptArtifact, atomic_write_bytes, load_artifact
 
 
 class PredictError(ValueError):
@@ -207,19 +205,9 @@ def predict(model: Any, tokenizer: Any, sources: list[str], batch_size: int = 32
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows to a temp file beside `path`, fsync, rename: all of it or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """All rows or nothing: one atomic write (temp file, fsync, rename)."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_bytes(path, data.encode("utf-8"))
 
 
 def run(args: argparse.Namespace) -> Path:
