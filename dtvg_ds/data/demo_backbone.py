@@ -67,6 +67,10 @@ WEIGHT_DECAY = 0.01
 WARMUP_STEPS = 200
 BATCH_PER_TASK = 9  # 9 x 7 tasks = 63 examples per step, every task in every batch
 GRAD_CLIP = 1.0
+# torch intra-op threads while pretraining. 2 suits an otherwise idle 2-core machine; when the
+# cores are oversubscribed (other jobs running) 1 thread can be several times faster, because
+# OpenMP barriers wait for a descheduled peer thread. Not part of the recipe: the thread count
+# only changes floating-point summation order.
 NUM_THREADS = 2
 LOG_EVERY = 250
 N_EVAL = 256  # examples per task for the progress accuracies
@@ -195,10 +199,11 @@ def pretrain_demo_backbone(
     log: Callable[[str], None] = print,
     model_kwargs: Mapping[str, Any] | None = None,
     n_eval: int = N_EVAL,
+    num_threads: int = NUM_THREADS,
 ) -> tuple[T5ForConditionalGeneration, dict[str, Any]]:
     """Build the tiny T5 and pretrain it on the prefixed demo-task mixture (no caching).
 
-    Single process, plain PyTorch, ``NUM_THREADS`` threads. The caller's global torch RNG
+    Single process, plain PyTorch, ``num_threads`` torch threads. The caller's global torch RNG
     state and thread count are restored afterwards. ``n_eval`` examples per task (validation
     split, with prefix) measure progress. Returns ``(model, stats)``.
     """
@@ -208,7 +213,7 @@ def pretrain_demo_backbone(
         for t in PRETRAIN_TASKS
     }
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(NUM_THREADS)
+    torch.set_num_threads(num_threads)
     try:
         with torch.random.fork_rng(devices=[]):  # seeded init without clobbering caller RNG
             torch.manual_seed(seed)
@@ -259,6 +264,7 @@ def pretrain_demo_backbone(
         "seconds": round(seconds, 1),
         "params": n_params,
         "final_accuracy": accs,
+        "num_threads": num_threads,
         "accuracy_definition": "greedy first decoder token (argmax over full vocab) == label, "
         f"{n_eval} validation-split examples per task, with task prefix",
         "history": history,
@@ -309,6 +315,7 @@ def ensure_demo_backbone(
     *,
     model_kwargs: Mapping[str, Any] | None = None,
     n_eval: int = N_EVAL,
+    num_threads: int = NUM_THREADS,
 ) -> Path:
     """Return ``cache_dir`` holding the pretrained demo backbone, building it if needed.
 
@@ -318,8 +325,9 @@ def ensure_demo_backbone(
     ``save_pretrained`` (model + tokenizer) into a temp dir next to ``cache_dir`` that gets
     ``DONE.json`` last, and renamed into place. ``model_kwargs`` override
     :func:`demo_t5_config` arguments; ``n_eval`` (examples per task for the logged
-    accuracies) does not affect the weights and is not part of the recipe. Refuses to
-    replace a non-empty directory that has no ``DONE.json`` (it is not ours).
+    accuracies) and ``num_threads`` (torch threads while training) are not part of the
+    recipe. Refuses to replace a non-empty directory that has no ``DONE.json`` (it is not
+    ours).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -347,7 +355,9 @@ def ensure_demo_backbone(
         # other directory (e.g. by other users' jobs sharing it)
         tmp.chmod(0o755)
         try:
-            model, stats = pretrain_demo_backbone(steps, seed, log, model_kwargs, n_eval)
+            model, stats = pretrain_demo_backbone(
+                steps, seed, log, model_kwargs, n_eval=n_eval, num_threads=num_threads
+            )
             model.save_pretrained(tmp)
             build_tokenizer().save_pretrained(tmp)
             done = {"recipe_hash": h, "recipe": rec, **stats,
@@ -370,9 +380,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--cache_dir", required=True, help="directory of the cached backbone")
     ap.add_argument("--steps", type=int, default=2500, help="pretraining steps")
     ap.add_argument("--seed", type=int, default=0, help="model init and data seed")
+    ap.add_argument("--num_threads", type=int, default=NUM_THREADS,
+                    help="torch threads (use 1 if the cores are busy with other jobs)")
     args = ap.parse_args(argv)
     path = ensure_demo_backbone(args.cache_dir, steps=args.steps, seed=args.seed,
-                                log=lambda s: print(s, flush=True))
+                                log=lambda s: print(s, flush=True),
+                                num_threads=args.num_threads)
     print(path)
 
 
