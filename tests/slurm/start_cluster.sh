@@ -99,7 +99,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$MUNGE_SOCKET
+# cred_expire: a requeued job may start again only after its old credentials expired (default
+# 120 s + 1); 10 s lets the tests see a requeued job restart by SLURM's own rules, quickly.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
 StateSaveLocation=$DIR/spool/ctld
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/spool/slurmctld.pid
