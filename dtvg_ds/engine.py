@@ -76,6 +76,9 @@ class _StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+        # A second signal must still kill: a rank blocked in a collective with a dead peer
+        # never reaches the end of its step.
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def seed_everything(seed: int) -> None:
