@@ -174,6 +174,14 @@ def collect(run_dir: Path) -> dict[str, Any] | None:
     groups = read_jsonl(run_dir / "groups.jsonl")
     if groups:
         rec["groups"] = groups
+        from safetensors.torch import load_file
+
+        t = load_file(str(run_dir / "prompt.safetensors"))
+        if "scale_sources" in t:  # DTVG family: the learned per-token scales (mean over tokens)
+            rec["scales"] = {"target": float(t["scale_target"].mean()),
+                             **{s: float(v) for s, v in zip(rec["extra"]["sources"],
+                                                            t["scale_sources"].mean(dim=1),
+                                                            strict=True)}}
     return rec
 
 
@@ -184,15 +192,15 @@ def stats(xs: list[float]) -> dict[str, float]:
 
 
 def group_stats(groups: list[dict[str, Any]], sources: list[str]) -> dict[str, Any]:
-    """Fraction of regroupings each source was in the group, mean TS, and the group changes."""
+    """Fraction of regroupings each source was in the group, mean TS, and the group (set) changes."""
     n = len(groups)
     frac = {s: sum(s in g["group"] for g in groups) / n for s in sources}
     ts = {s: statistics.fmean(g["ts"][s] for g in groups) for s in sources}
-    changes, timeline = 0, []
+    changes, timeline = 0, []  # the group as a set: the rank order inside it does not matter
     for i, g in enumerate(groups):
-        if i == 0 or g["group"] != groups[i - 1]["group"]:
+        if i == 0 or sorted(g["group"]) != sorted(groups[i - 1]["group"]):
             changes += i > 0
-            timeline.append((g["step"], g["group"]))
+            timeline.append((g["step"], sorted(g["group"])))
     return {"records": n, "fraction": frac, "mean_ts": ts, "changes": changes,
             "mean_k": statistics.fmean(g["k"] for g in groups), "timeline": timeline}
 
@@ -343,6 +351,17 @@ def report(summary: dict[str, Any]) -> str:
                              f"{statistics.fmean(fr):.2f}; "
                              + " / ".join(f"{x:.2f}" for x in fr)
                              + f" | {1e3 * statistics.fmean(ts):+.2f} |")
+            lines += [""]
+            lines += ["", "Learned scales at the best checkpoint (mean over the r tokens; init 1; "
+                      "`prompt.safetensors`), mean over seeds, for the DTVG-family runs:", ""]
+            for meth in ("dtvg", "fixed_group", "all_sources", "target_only"):
+                runs = [r for r in t["methods"].get(meth, {}).get("per_seed", {}).values()
+                        if "scales" in r]
+                if runs:
+                    keys = ["target", *a["sources"]]
+                    lines.append(f"- {LABELS[meth]}: " + ", ".join(
+                        f"{'a_t' if k == 'target' else 'a_' + k} "
+                        f"{statistics.fmean(r['scales'][k] for r in runs):.3f}" for k in keys))
             lines += [""]
             for seed, x in g.items():
                 tl = "; ".join(f"from step {st}: {grp}" for st, grp in x["timeline"][:8])

@@ -88,4 +88,12 @@ def test_sigkill_of_one_rank_ends_the_job_and_keeps_the_checkpoint(tiny_model, t
     assert after and after[-1] >= before[-1]
     step = json.loads((out / "checkpoints" / after[-1] / "trainer_state.json").read_text())["step"]
     launch(TRAIN, train_args(tiny_model, out, max_steps=3000, save_steps=4, resume="auto",
-                             stop_at_step=step + 1))
+                             stop_at_step=step + 3))
+    # The resumed run continues exactly as an uninterrupted one: same loss at every step
+    # (the loss is a function of the prompt, the optimizer state and the data position).
+    ref = tmp_path / "ref"
+    launch(TRAIN, train_args(tiny_model, ref, max_steps=3000, save_steps=0, stop_at_step=step + 3))
+    last = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r}
+    want = {r["step"]: r["loss"] for r in read_jsonl(ref / "metrics.jsonl") if "loss" in r}
+    for s in range(step + 1, step + 4):
+        assert last[s] == pytest.approx(want[s], rel=1e-6), s
