@@ -206,7 +206,7 @@ def test_two_nodes_two_ranks_requeued_job_resumes(cluster, tiny_model, tmp_path)
     checkpoint and stop, the batch script requeues the job, and the restart continues from that
     checkpoint: no step lost."""
     out = tmp_path / "requeue"
-    steps = 24
+    steps = 16
     job = cluster.sbatch(STAGE1, tmp_path / "requeue.out",
                          train_args(tiny_model, out, max_steps=steps, save_steps=4,
                                     per_device_train_batch_size=2, max_train_samples=64),

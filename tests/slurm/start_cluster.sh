@@ -117,7 +117,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=1
 MailProg=/bin/true
 FirstJobId=$((1000 + RANDOM % 9000))
 ReturnToService=2

@@ -1,0 +1,334 @@
+"""Size a job before submitting it: memory per rank from the model config alone.
+
+    python -m dtvg_ds.plan --model google/flan-t5-xl --world_size 8 \
+        --config ds_configs/zero3.json --num_virtual_tokens 100 --bf16 [--method dtvg --num_sources 6]
+
+The parameter shapes come from `AutoConfig` + a model built on the meta device (no weights are
+read or allocated). `--model` is a Hub id (needs the Hub for its config.json), a local model dir,
+or one of the built-in presets in `PRESETS` (the published configs of t5-base / Flan-T5-XL / XXL,
+used so these numbers can be produced offline; the output says when a preset was used).
+
+What is modelled, per rank, the way `dtvg_ds.engine` sets DeepSpeed up:
+
+- backbone (frozen): ZeRO-3 keeps a 1/N partition of every parameter (`ceil(numel/N)` elements:
+  DeepSpeed pads each parameter to a multiple of N); parameters with numel <=
+  `stage3_param_persistence_threshold` ('auto' = the largest trainable prompt tensor, as in
+  `engine.set_prompt_persistence`) are additionally kept whole on every rank. ZeRO-0/1/2 keep the
+  whole backbone on every rank. `offload_param` moves the partitions to host memory.
+- prompt (trainable): whole on every rank, in the compute dtype; plus the fp32 `P_init` (and for
+  DTVG the n fp32 source task vectors), which every rank holds.
+- optimizer (AdamW): fp32 master + 2 fp32 moments = 12 bytes per trainable element, partitioned
+  over ranks under ZeRO >= 1 (per parameter group, padded to a multiple of N).
+- gradients: fp32, partitioned under ZeRO >= 2, whole under ZeRO-0/1.
+
+Not modelled: activations (depend on batch size and sequence lengths), the transient all-gather
+working set of ZeRO-3 (bounded by `stage3_max_live_parameters`; reported as a bound), the whole
+backbone gathered for generation when evaluation runs resident, communication buffers, and the
+CUDA context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+# Published configs (config.json on the Hub), as T5Config kwargs: enough to build exact shapes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "t5-base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+                    num_decoder_layers=12, num_heads=12, relative_attention_num_buckets=32,
+                    feed_forward_proj="relu", tie_word_embeddings=True),
+    "google/flan-t5-xl": dict(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24,
+                              num_decoder_layers=24, num_heads=32,
+                              relative_attention_num_buckets=32,
+                              relative_attention_max_distance=128,
+                              feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "google/flan-t5-xxl": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                               num_decoder_layers=24, num_heads=64,
+                               relative_attention_num_buckets=32,
+                               relative_attention_max_distance=128,
+                               feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+
+GIB = 1024 ** 3
+ADAM_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
+
+
+class PlanError(ValueError):
+    """Bad input to the planner; the message says what to change."""
+
+
+def load_config(model: str, use_presets: bool = True) -> tuple[Any, bool]:
+    """(config, is_preset): a local dir or Hub id through AutoConfig, else a built-in preset.
+
+    A local directory always wins; a preset name is used without touching the Hub.
+    """
+    from transformers import AutoConfig, T5Config
+
+    if Path(model).is_dir():
+        return AutoConfig.from_pretrained(model), False
+    if use_presets and model in PRESETS:
+        return T5Config(**PRESETS[model]), True
+    try:
+        return AutoConfig.from_pretrained(model), False
+    except (OSError, ValueError) as e:
+        raise PlanError(f"--model {model}: could not read its config ({str(e).splitlines()[0][:200]})."
+                        f" Pass a local model dir, a Hub id with Hub access, or one of the "
+                        f"built-in presets: {', '.join(PRESETS)}") from None
+
+
+def checkpoint_unties_lm_head(config: Any) -> bool:
+    """Whether the checkpoint of `config` has its own lm_head (Flan-T5 / T5 v1.1 do).
+
+    transformers 5 builds every T5 with lm_head tied to the shared embedding (the config's
+    `tie_word_embeddings=False` only survives as `scale_decoder_outputs=False`), but
+    `from_pretrained` unties them again when the checkpoint holds a different lm_head, as the
+    published Flan-T5 files do. So the loaded model has one more vocab x d matrix than
+    `from_config` builds.
+    """
+    return getattr(config, "scale_decoder_outputs", None) is False or \
+        getattr(config, "tie_word_embeddings", True) is False
+
+
+def param_shapes(config: Any) -> list[tuple[str, int]]:
+    """(name, numel) of every distinct parameter as `from_pretrained` would load it, in
+    registration order, built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and out.weight is inp.weight and checkpoint_unties_lm_head(config):
+            out.weight = torch.nn.Parameter(torch.empty_like(out.weight))
+    return [(n, p.numel()) for n, p in model.named_parameters()]  # tied weights counted once
+
+
+def prompt_tensors(method: str, r: int, d: int, n_sources: int) -> tuple[list[list[int]], int]:
+    """Trainable parameter groups (numels per group) and the frozen fp32 prompt-side elements."""
+    if method == "pt":
+        return [[r * d]], r * d  # the prompt; P_init
+    if method == "dtvg":
+        if n_sources < 1:
+            raise PlanError("--method dtvg needs --num_sources >= 1")
+        # prompt, scale_target, scale_sources (three groups, see methods/dtvg.py); P_init and
+        # the n source task vectors are fp32 tensors every rank holds.
+        return [[r * d], [r], [n_sources * r]], r * d + n_sources * r * d
+    raise PlanError(f"--method {method}: the planner knows pt and dtvg")
+
+
+def _zero(ds: dict[str, Any]) -> dict[str, Any]:
+    return ds.get("zero_optimization") or {}
+
+
+def _device(section: Any) -> str:
+    if isinstance(section, dict) and section.get("device", "none") not in ("none", None):
+        return str(section["device"])
+    return "accelerator"
+
+
+def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_tokens: int = 100,
+         bf16: bool = False, method: str = "pt", num_sources: int = 6,
+         shapes: list[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """Memory per rank of a job (pure computation; `shapes` defaults to `param_shapes(config)`)."""
+    n = int(world_size)
+    if n < 1:
+        raise PlanError("--world_size must be >= 1")
+    r = int(num_virtual_tokens)
+    d = int(config.d_model)
+    shapes = param_shapes(config) if shapes is None else shapes
+    zero = _zero(ds_config)
+    stage = int(zero.get("stage", 0))
+    if zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights"):
+        raise PlanError("ZeRO++ quantized weights are not modelled (and not tested: DeepSpeed's "
+                        "quantizer op has no CPU implementation)")
+    bf16_on = ds_config.get("bf16", {}).get("enabled", "auto")
+    use_bf16 = bool(bf16) if bf16_on == "auto" else bool(bf16_on) or bool(bf16)
+    pbytes = 2 if use_bf16 else 4
+
+    groups, frozen_prompt = prompt_tensors(method, r, d, num_sources)
+    trainable = [x for g in groups for x in g]
+    n_train = sum(trainable)
+
+    # -- backbone --------------------------------------------------------------------------
+    total = sum(x for _, x in shapes)
+    if stage == 3:
+        thr = zero.get("stage3_param_persistence_threshold", "auto")
+        thr = max(trainable) if thr == "auto" else int(thr)
+        if thr < max(trainable):
+            raise PlanError(f"stage3_param_persistence_threshold = {thr} is below the prompt's "
+                            f"{max(trainable)} elements (the engine refuses this config)")
+        cap = zero.get("stage3_model_persistence_threshold", "auto")
+        cap = sys.maxsize if cap == "auto" else int(cap)
+        running = n_train  # the prompter is registered first and persists first
+        persistent: list[tuple[str, int]] = []
+        for name, x in shapes:
+            if x + running > cap:
+                continue
+            if x <= thr:
+                persistent.append((name, x))
+                running += x
+        part = sum(math.ceil(x / n) for _, x in shapes)
+        pers = sum(x for _, x in persistent)
+        part_bytes = part * pbytes
+        part_dev = _device(zero.get("offload_param"))
+        backbone = {
+            "params": total, "tensors": len(shapes), "dtype": "bf16" if use_bf16 else "fp32",
+            "partitioned": True, "partition_elements_per_rank": part,
+            "partition_padding_elements": part * n - total,
+            "persistence_threshold": thr, "persistent_tensors": len(persistent),
+            "persistent_elements": pers,
+            "elements_per_rank": part + pers,
+            "partition_bytes_per_rank": part_bytes, "partition_device": part_dev,
+            "partition_storage": "bf16" if use_bf16 else "fp32",
+            "persistent_bytes_per_rank": pers * pbytes,
+        }
+        max_live = int(zero.get("stage3_max_live_parameters", 1_000_000_000))
+        largest = max(x for _, x in shapes)
+        gather_bound = min(total, max(max_live, largest))
+        transient = {"zero3_gather_bound_elements": gather_bound,
+                     "zero3_gather_bound_bytes": gather_bound * pbytes,
+                     "largest_tensor_elements": largest}
+    else:
+        backbone = {
+            "params": total, "tensors": len(shapes), "dtype": "bf16" if use_bf16 else "fp32",
+            "partitioned": False, "partition_elements_per_rank": total,
+            "partition_padding_elements": 0, "persistence_threshold": None,
+            "persistent_tensors": len(shapes), "persistent_elements": total,
+            "elements_per_rank": total, "partition_bytes_per_rank": 0,
+            "partition_device": "accelerator", "partition_storage": None,
+            "persistent_bytes_per_rank": total * pbytes,
+        }
+        transient = {"zero3_gather_bound_elements": 0, "zero3_gather_bound_bytes": 0,
+                     "largest_tensor_elements": max(x for _, x in shapes)}
+
+    # -- prompt, optimizer, gradients ----------------------------------------------------------
+    prompt = {"trainable_elements": n_train, "trainable_tensors": trainable,
+              "frozen_fp32_elements": frozen_prompt,
+              "bytes_per_rank": n_train * pbytes + frozen_prompt * 4, "replicated": True}
+    if stage >= 1:
+        opt_elems = sum(math.ceil(sum(g) / n) for g in groups)
+    else:
+        opt_elems = n_train
+    optimizer = {"type": "AdamW (fp32 master + 2 moments)", "partitioned": stage >= 1,
+                 "elements_per_rank": opt_elems, "bytes_per_rank": opt_elems * ADAM_BYTES,
+                 "device": _device(zero.get("offload_optimizer"))}
+    grad_elems = opt_elems if stage >= 2 else n_train
+    grads = {"partitioned": stage >= 2, "elements_per_rank": grad_elems,
+             "bytes_per_rank": grad_elems * 4}
+
+    # -- totals --------------------------------------------------------------------------------
+    dev = prompt["bytes_per_rank"] + grads["bytes_per_rank"] + backbone["persistent_bytes_per_rank"]
+    host = 0
+    if backbone["partition_device"] == "accelerator":
+        dev += backbone["partition_bytes_per_rank"]
+    else:
+        host += backbone["partition_bytes_per_rank"]
+    if optimizer["device"] == "accelerator":
+        dev += optimizer["bytes_per_rank"]
+    else:
+        host += optimizer["bytes_per_rank"]
+    return {
+        "world_size": n, "zero_stage": stage, "bf16": use_bf16, "method": method,
+        "num_virtual_tokens": r, "num_sources": num_sources if method == "dtvg" else 0,
+        "d_model": d,
+        "backbone": backbone, "prompt": prompt, "optimizer": optimizer, "gradients": grads,
+        "transient": transient,
+        "accelerator_bytes_per_rank": dev, "host_bytes_per_rank": host,
+        "not_counted": ["activations (batch size x sequence length)",
+                        "ZeRO-3 all-gather working set (bound in transient)",
+                        "whole backbone gathered for resident generation at evaluation",
+                        "communication buffers, allocator fragmentation, CUDA context"],
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def _b(x: int) -> str:
+    if x >= GIB:
+        return f"{x / GIB:8.2f} GiB"
+    return f"{x / 1024 ** 2:8.2f} MiB"
+
+
+def render(p: dict[str, Any]) -> str:
+    """The human-readable report of `plan()` (plus `model`/`preset`/`config` keys if present)."""
+    bb, pr, op, gr, tr = (p["backbone"], p["prompt"], p["optimizer"], p["gradients"],
+                          p["transient"])
+    n = p["world_size"]
+    src = " [built-in preset: shapes from the published config, Hub not read]" if p.get(
+        "preset") else ""
+    meth = p["method"] + (f", {p['num_sources']} sources" if p["method"] == "dtvg" else "")
+    lines = [
+        f"model {p.get('model', '?')}{src}",
+        f"  {bb['params']:,} backbone parameters in {bb['tensors']} tensors, d_model {p['d_model']}",
+        f"job: world size {n}, ZeRO stage {p['zero_stage']} ({p.get('config', '?')}), "
+        f"{'bf16' if p['bf16'] else 'fp32'}, method {meth}, r = {p['num_virtual_tokens']}",
+        "memory per rank (computed from the config, not measured):",
+    ]
+    if bb["partitioned"]:
+        where = "" if bb["partition_device"] == "accelerator" else \
+            f"  -> on {bb['partition_device']} (offload_param)"
+        lines += [
+            f"  backbone partition  {bb['partition_elements_per_rank']:>15,} el "
+            f"{_b(bb['partition_bytes_per_rank'])}"
+            f"  (1/{n} of every tensor, {bb['partition_storage']}){where}",
+            f"  backbone persistent {bb['persistent_elements']:>15,} el "
+            f"{_b(bb['persistent_bytes_per_rank'])}  ({bb['persistent_tensors']} tensors <= "
+            f"{bb['persistence_threshold']:,} el, whole on every rank)",
+        ]
+    else:
+        lines.append(f"  backbone (whole)    {bb['elements_per_rank']:>15,} el "
+                     f"{_b(bb['persistent_bytes_per_rank'])}  (ZeRO-{p['zero_stage']}: replicated)")
+    lines += [
+        f"  prompt (replicated) {pr['trainable_elements']:>15,} el {_b(pr['bytes_per_rank'])}"
+        f"  (+ {pr['frozen_fp32_elements']:,} fp32 el of P_init"
+        + (" and source vectors" if p["method"] == "dtvg" else "") + ")",
+        f"  optimizer state     {op['elements_per_rank']:>15,} el {_b(op['bytes_per_rank'])}"
+        f"  (AdamW 12 B/el, {'partitioned' if op['partitioned'] else 'whole'}"
+        + ("" if op["device"] == "accelerator" else f", on {op['device']}") + ")",
+        f"  gradients           {gr['elements_per_rank']:>15,} el {_b(gr['bytes_per_rank'])}"
+        f"  (fp32, {'partitioned' if gr['partitioned'] else 'whole'})",
+        f"  total on accelerator                    {_b(p['accelerator_bytes_per_rank'])}"
+        + (f"   + {_b(p['host_bytes_per_rank']).strip()} in host memory"
+           if p["host_bytes_per_rank"] else ""),
+    ]
+    if tr["zero3_gather_bound_elements"]:
+        lines.append(f"  + transient ZeRO-3 all-gathers up to {tr['zero3_gather_bound_elements']:,} el "
+                     f"({_b(tr['zero3_gather_bound_bytes']).strip()}, stage3_max_live_parameters)")
+    lines.append("  not counted: " + "; ".join(p["not_counted"][:1] + p["not_counted"][2:]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dtvg_ds.plan", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True,
+                    help=f"Hub id, local model dir, or a preset: {', '.join(PRESETS)}")
+    ap.add_argument("--world_size", type=int, required=True, help="total ranks (GPUs)")
+    ap.add_argument("--config", required=True, help="DeepSpeed JSON, e.g. ds_configs/zero3.json")
+    ap.add_argument("--num_virtual_tokens", type=int, default=100)
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--method", choices=["pt", "dtvg"], default="pt")
+    ap.add_argument("--num_sources", type=int, default=6)
+    ap.add_argument("--no_presets", action="store_true",
+                    help="always read the config (Hub/dir), never a built-in preset")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    a = ap.parse_args(argv)
+    try:
+        ds = json.loads(Path(a.config).read_text())
+        cfg, preset = load_config(a.model, not a.no_presets)
+        out = plan(cfg, a.world_size, ds, a.num_virtual_tokens, a.bf16, a.method, a.num_sources)
+    except (OSError, json.JSONDecodeError, PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = {"model": a.model, "preset": preset, "config": a.config, **out}
+    print(json.dumps(out, indent=2) if a.json else render(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
