@@ -48,6 +48,7 @@ METHODS = ("pt", "spot", "all_sources", "target_only", "fixed_group", "dtvg")
 LABELS = {"pt": "PT (from shared init)", "spot": "SPoT (init from most similar source)",
           "all_sources": "DTVG ablation: all sources", "target_only": "DTVG ablation: target only",
           "fixed_group": "DTVG ablation: fixed group", "dtvg": "DTVG"}
+NOTES_MARKER = "<!-- notes below this line are kept when the report is regenerated -->"
 STAGE1_LR = "0.3"  # dtvg_ds.demo stage 1
 STAGE2_LRS = ("0.1", "0.01", "0.01")  # dtvg_ds.demo stage 2: prompt, a_t, a_s
 # How each source relates to each target (demo task rules, dtvg_ds/data/demo.py).
@@ -205,6 +206,34 @@ def group_stats(groups: list[dict[str, Any]], sources: list[str]) -> dict[str, A
             "mean_k": statistics.fmean(g["k"] for g in groups), "timeline": timeline}
 
 
+def stage1_similarities(target: Path, sources: dict[str, Path]) -> dict[str, Any]:
+    """What the selection rules see before any stage-2 training (from the stage-1 artifacts).
+
+    DTVG's target similarity TS and its step-0 group (a_t = a_s = 1, released-code rule, i.e.
+    exactly what `--ablation fixed_group` freezes), the cosine of the mean-pooled task vectors,
+    and SPoT's average-token cosine of the prompts. Pure `dtvg_ds.prompt_math`, no launch.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from dtvg_ds import prompt_math
+
+    tgt = load_file(str(target / "prompt.safetensors"))
+    src = {n: load_file(str(p / "prompt.safetensors")) for n, p in sources.items()}
+    names = list(src)
+    t_s = torch.stack([src[n]["task_vector"] for n in names]).double()
+    t_t = tgt["task_vector"].double()
+    res = prompt_math.select_group(t_t, t_s)
+    pooled = torch.nn.functional.normalize(t_s.mean(dim=1), dim=1)
+    cos = pooled @ torch.nn.functional.normalize(t_t.mean(dim=0), dim=0)
+    spot = prompt_math.spot_similarity(tgt["prompt"], torch.stack([src[n]["prompt"] for n in names]))
+    return {"ts": {n: float(v) for n, v in zip(names, res.ts, strict=True)},
+            "tv_cosine": {n: float(v) for n, v in zip(names, cos, strict=True)},
+            "spot_cosine": {n: float(v) for n, v in zip(names, spot, strict=True)},
+            "kc": [float(x) for x in res.kc], "positive": [names[i] for i in res.positive],
+            "group": [names[i] for i in res.group]}
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -231,7 +260,7 @@ def machine() -> dict[str, Any]:
 # the report
 # ----------------------------------------------------------------------------------------------
 
-def _f(x: float | None, nd: int = 1) -> str:
+def _f(x: float | None, nd: int = 2) -> str:
     return "—" if x is None or x != x else f"{x:.{nd}f}"
 
 
@@ -264,7 +293,8 @@ def report(summary: dict[str, Any]) -> str:
         f"`.cache/demo_backbone`); {a['ranks']} CPU ranks, `ds_configs/zero3.json`, fp32; "
         "r = 20 soft tokens, micro batch 16 per rank (32 per step), 400 validation examples, "
         "warmup 10 steps then linear decay, evaluation every max_steps // 4 steps and at the last "
-        f"step, i.e. {summary['evals_per_run']} evaluations per run (`dtvg_ds.demo._common`).",
+        f"step, i.e. {'/'.join(map(str, summary['evals_per_run']))} evaluations per run "
+        "(`dtvg_ds.demo._common`).",
         f"- Sources: {', '.join(a['sources'])}. Stage-1 artifacts: "
         + "; ".join(f"`{t}` <- `{p}` ({s} steps, seed {sd}, best val acc {_f(b)})"
                     for t, (p, s, b, sd) in summary["stage1"].items()) + ".",
@@ -291,7 +321,12 @@ def report(summary: dict[str, Any]) -> str:
     ]
     for target, t in summary["targets"].items():
         s1 = summary["stage1"][target]
-        lines += [f"## Target `{target}`", "",
+        ran = [m_ for m_ in a["methods"] if m_ in t["methods"]]
+        seeds_seen = sorted({int(x) for e in t["methods"].values() for x in e["per_seed"]})
+        partial = ([f"**Partial**: only {', '.join(LABELS[m_] for m_ in ran)} with seed(s) "
+                    f"{seeds_seen} were run for this target (see Runtime for the invocations).", ""]
+                   if len(ran) < len(METHODS) or seeds_seen != sorted(a["seeds"]) else [])
+        lines += [f"## Target `{target}`", "", *partial,
                   f"Start of stage 2 (the target's stage-1 PT prompt, {s1[1]} steps): best val acc "
                   f"{_f(s1[2])}.", "",
                   "| method | steps trained on the target | n | best: mean ± std | best: min / max "
@@ -319,7 +354,7 @@ def report(summary: dict[str, Any]) -> str:
                      if str(s) in r["per_seed"] else "—" for s in a["seeds"]]
             lines.append(f"| {LABELS[meth]} | " + " | ".join(cells) + " |")
         ref = t["methods"].get("dtvg")
-        if ref:
+        if ref and len(t["methods"]) > 1:
             lines += ["", "Paired difference DTVG minus method, same seed (best; last), "
                       "mean ± std over seeds:", ""]
             for meth in a["methods"]:
@@ -338,6 +373,19 @@ def report(summary: dict[str, Any]) -> str:
             if r:
                 lines.append(f"- {LABELS[meth]}: "
                              + ", ".join(f"{st}: {_f(v)}" for st, v in r["mean_curve"]))
+        sim = t["stage1_similarities"]
+        lines += ["", "What the selection rules see at the start (stage-1 artifacts, computed "
+                  "offline with `dtvg_ds.prompt_math`, no training):", "",
+                  "| source | relation to target | DTVG TS x1e3 | cosine of mean-pooled task vectors "
+                  "| SPoT cosine of mean-pooled prompts |", "|---|---|---|---|---|"]
+        for src in a["sources"]:
+            lines.append(f"| {src} | {RELATION.get(target, {}).get(src, '?')} | "
+                         f"{1e3 * sim['ts'][src]:+.1f} | {sim['tv_cosine'][src]:+.2f} | "
+                         f"{sim['spot_cosine'][src]:.3f} |")
+        lines += ["", f"Step-0 DTVG decision (released-code rule, a = 1): ranked S+ = "
+                  f"{sim['positive']}, KC x1e3 = {[round(1e3 * x, 1) for x in sim['kc']]}, "
+                  f"group = {sim['group']}. SPoT would pick "
+                  f"`{max(sim['spot_cosine'], key=sim['spot_cosine'].get)}`."]
         if "dtvg" in t["methods"] and t["methods"]["dtvg"].get("groups"):
             g = t["methods"]["dtvg"]["groups"]
             lines += ["", f"### Groups DTVG chose on `{target}` (rank 0 decides every step; "
@@ -508,7 +556,8 @@ def main(argv: list[str] | None = None) -> None:
                 entry["spot_choice"] = {"source": ex.get("spot_source"),
                                         "similarities": ex.get("spot_similarities", {})}
             per[meth] = entry
-        targets[target] = {"methods": per}
+        targets[target] = {"methods": per, "stage1_similarities": stage1_similarities(
+            s1dirs[target], {s: s1dirs[s] for s in args.sources})}
 
     secs: dict[str, list[float]] = {}
     loads: list[float] = []
@@ -549,7 +598,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     text = report(summary)
-    (ROOT / args.results).write_text(text)
+    results = ROOT / args.results
+    old = results.read_text() if results.is_file() else ""
+    if NOTES_MARKER in old:  # hand-written reading of the results survives a regeneration
+        text += "\n" + old[old.index(NOTES_MARKER):]
+    results.write_text(text)
     print(text)
 
 

@@ -49,14 +49,17 @@ def _launch(args: list[str], ranks: int, log: Path) -> None:
 def _common(out: Path, task: str, steps: int) -> list[str]:
     return ["--deepspeed", "ds_configs/zero3.json", "--task", task, "--model_name_or_path",
             "demo", "--output_dir", str(out), "--num_virtual_tokens", "20",
-            "--max_steps", str(steps), "--eval_steps", str(max(steps // 4, 1)),
+            "--max_steps", str(steps), "--eval_steps", str(max(-(-steps // 4), 1)),
             "--save_steps", str(steps), "--per_device_train_batch_size", "16",
             "--max_eval_samples", "400", "--logging_steps", "10", "--warmup_steps", "10"]
 
 
 def _stage1(root: Path, task: str, steps: int, ranks: int, fresh: bool) -> dict:
     out = root / "stage1" / task
-    if (out / "tpv.json").is_file() and not fresh:
+    # The artifact is rewritten at every new best, so only a run that reached its last step is
+    # complete; anything else (an interrupted demo) is trained again.
+    meta = json.loads((out / "tpv.json").read_text()) if (out / "tpv.json").is_file() else {}
+    if meta.get("steps") == steps and not fresh:
         print(f"  {task}: reusing {out}")
     else:
         if out.exists():
