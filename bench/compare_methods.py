@@ -44,10 +44,11 @@ sys.path.insert(0, str(ROOT))
 
 from dtvg_ds.demo import SOURCES, _common, _launch, _stage1  # noqa: E402
 
-METHODS = ("pt", "spot", "all_sources", "target_only", "fixed_group", "dtvg")
+METHODS = ("pt", "spot", "mpt", "all_sources", "target_only", "fixed_group", "dtvg")
 LABELS = {"pt": "PT (from shared init)", "spot": "SPoT (init from most similar source)",
           "all_sources": "DTVG ablation: all sources", "target_only": "DTVG ablation: target only",
-          "fixed_group": "DTVG ablation: fixed group", "dtvg": "DTVG"}
+          "fixed_group": "DTVG ablation: fixed group", "dtvg": "DTVG",
+          "mpt": "MPT (target adaptation of P* distilled from the sources)"}
 NOTES_MARKER = "<!-- notes below this line are kept when the report is regenerated -->"
 STAGE1_LR = "0.3"  # dtvg_ds.demo stage 1
 STAGE2_LRS = ("0.1", "0.01", "0.01")  # dtvg_ds.demo stage 2: prompt, a_t, a_s
@@ -113,11 +114,24 @@ def stage1_dir(task: str, demo_root: Path, out: Path, steps: int, ranks: int,
     return own
 
 
+def mpt_source_args(out: Path, source_tpvs: list[Path], sources: list[str], steps: int) -> list[str]:
+    """MPT source training, once for all targets and seeds (like the stage-1 runs): shared P*
+    and per-source factors distilled from the sources' stage-1 prompts, `steps` steps."""
+    task = "+".join(sources)
+    return ["--method", "mpt_source", "--source_tpvs", *[rel(p) for p in source_tpvs],
+            "--learning_rate", STAGE1_LR, *_common(Path(rel(out)), task, steps),
+            "--max_eval_samples", "100", "--eval_steps", str(steps)]
+
+
 def run_args(method: str, target: str, seed: int | str, run_dir: Path, target_tpv: Path,
-             source_tpvs: list[Path], s1: int, s2: int) -> list[str]:
+             source_tpvs: list[Path], s1: int, s2: int, mpt_source: Path | None = None) -> list[str]:
     """launchers/train.py flags of one benchmark run."""
     src = [rel(p) for p in source_tpvs]
-    if method == "pt":
+    if method == "mpt":  # same budget and learning rate as PT and SPoT
+        head = ["--method", "mpt_target", "--mpt_source", rel(mpt_source or Path("?")),
+                "--learning_rate", STAGE1_LR]
+        steps = s1 + s2
+    elif method == "pt":
         head = ["--method", "pt", "--learning_rate", STAGE1_LR]
         steps = s1 + s2
     elif method == "spot":
@@ -498,13 +512,20 @@ def main(argv: list[str] | None = None) -> None:
     timings: list[tuple[str, dict[str, Any]]] = []
     failures: list[str] = []
     stopped = False
+    mpt_dir = out / "mpt_source"
+    if "mpt" in args.methods and not args.report_only:
+        print("== MPT source training (once)", flush=True)
+        rec = launch(mpt_source_args(mpt_dir, [s1dirs[s] for s in args.sources], args.sources,
+                                     args.stage1_steps), mpt_dir, args.ranks)
+        if rec.get("error"):
+            failures.append(f"{rel(mpt_dir)}: {rec['error'].splitlines()[0]}")
     for target in args.targets:
         s1 = stage1[target][1]
         for seed in args.seeds:
             for meth in args.methods:
                 run_dir = out / target / meth / f"seed{seed}"
                 ra = run_args(meth, target, seed, run_dir, s1dirs[target],
-                              [s1dirs[s] for s in args.sources], s1, args.stage2_steps)
+                              [s1dirs[s] for s in args.sources], s1, args.stage2_steps, mpt_dir)
                 if args.report_only:
                     continue
                 if args.max_minutes and time.time() - t_start > 60 * args.max_minutes:
@@ -547,7 +568,8 @@ def main(argv: list[str] | None = None) -> None:
                 "best_steps": [r["best_step"] for r in seeds_done.values()],
                 "steps": next(iter(seeds_done.values()))["steps"], "mean_curve": mean_curve,
                 "args": run_args(meth, target, "S", out / target / meth / "seedS", s1dirs[target],
-                                 [s1dirs[s] for s in args.sources], s1, args.stage2_steps)}
+                                 [s1dirs[s] for s in args.sources], s1, args.stage2_steps,
+                                 mpt_dir)}
             if any("groups" in r for r in seeds_done.values()):
                 entry["groups"] = {s: group_stats(r["groups"], args.sources)
                                    for s, r in seeds_done.items() if "groups" in r}

@@ -348,12 +348,28 @@ def resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
         ds, adopted = _resolve_ds_config(cfg, ds_in, world_size, path)
         if zero_stage(ds) not in (0, 1, 2, 3):
             raise ConfigError([f"{path}: zero_optimization.stage = {zero_stage(ds)}; use 0-3"])
+        _check_zero_section(ds, path)
         return ds, adopted
     except ConfigError:
         raise
     except (TypeError, ValueError, AttributeError, KeyError) as e:
         raise ConfigError([f"{path}: a value has the wrong type or shape ({type(e).__name__}: "
                            f"{e}); fix the JSON (compare ds_configs/zero3.json)"]) from None
+
+
+def _check_zero_section(ds: dict[str, Any], path: str) -> None:
+    """Validate `zero_optimization` with DeepSpeed's own schema now, so a misspelt key is a
+    one-line error before any process group starts, not a traceback from deepspeed.initialize."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    zero = {k: (0 if v == "auto" else v) for k, v in ds.get("zero_optimization", {}).items()}
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        raise ConfigError([f"{path}: zero_optimization.{'.'.join(map(str, err['loc']))}: "
+                           f"{err['msg']} (see the DeepSpeed ZeRO config docs)"
+                           for err in e.errors()]) from None
 
 
 def _resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,

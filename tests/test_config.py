@@ -137,3 +137,11 @@ def test_help_works_without_launcher():
     p = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--help"],
                        capture_output=True, text=True)
     assert p.returncode == 0 and "--per_device_train_batch_size" in p.stdout
+
+
+def test_misspelt_zero_key_is_named_before_launch():
+    ds = _ds()
+    ds["zero_optimization"]["stage3_param_persistance_threshold"] = 10
+    with pytest.raises(ConfigError, match="zero_optimization.stage3_param_persistance_threshold: "
+                                          "Extra inputs are not permitted"):
+        resolve_ds_config(parse_config(BASE), ds, world_size=2)
