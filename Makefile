@@ -24,8 +24,12 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check dtvg_ds launchers tests bench
 
+# Benchmarks (minutes to an hour on 2 CPU cores); figures go to bench/RESULTS*.md by hand/script.
 bench: setup
-	$(PY) bench/run_all.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node 2 bench/grouping_cost.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 bench/eval_generation.py
+	$(PY) bench/step_time.py
+	$(PY) bench/compare_methods.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
