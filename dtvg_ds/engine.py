@@ -75,10 +75,11 @@ class _StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        # Repeated signals are expected and must not kill the rank mid-checkpoint: the
+        # scheduler signals every process and DeepSpeed's launcher then terminates its children
+        # again. A rank stuck in a collective with a dead peer is ended by the launcher's SIGKILL
+        # (30 s later) or the collective timeout.
         self.signum = signum
-        # A second signal must still kill: a rank blocked in a collective with a dead peer
-        # never reaches the end of its step.
-        signal.signal(signum, signal.SIG_DFL)
 
 
 def seed_everything(seed: int) -> None:
