@@ -91,3 +91,16 @@ def train_args(model: Path, out: Path, task: str = "senti_a", **kw) -> list[str]
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _release_deepspeed_shm():
+    """DeepSpeed's CPU shm all-reduce leaves a /dev/shm segment per rank and run (~64 MB each,
+    never unlinked, not even on a clean exit); dozens of launches would fill RAM. Remove the
+    ones this test session created."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
+    yield
+    if shm.is_dir():
+        for f in set(shm.glob("deepspeed_*")) - before:
+            f.unlink(missing_ok=True)
