@@ -1,6 +1,6 @@
 """Save and resume of the training state: the only module that writes checkpoints.
 
-A checkpoint is `<output_dir>/checkpoints/step-XXXXXXXX/` holding
+A checkpoint is `<output_dir>/checkpoints/step-NNNNNNNN/` holding
 - DeepSpeed's own files (trainable parameters, the ZeRO-partitioned optimizer state and the LR
   scheduler), saved with `exclude_frozen_parameters=True` so the frozen backbone is never copied;
 - `rng_rank{k}.safetensors` + `rng_rank{k}.json`: every rank's RNG state (dropout, sampling),
@@ -11,9 +11,9 @@ A checkpoint is `<output_dir>/checkpoints/step-XXXXXXXX/` holding
   `manifest.json` and of itself. Its presence marks the checkpoint complete.
 The data position is the step itself (see `data.batches`).
 
-Atomic at the directory level: every rank writes into `checkpoints/.tmp-step-XXXXXXXX/`; after
+Atomic at the directory level: every rank writes into `checkpoints/.tmp-step-NNNNNNNN/`; after
 a barrier rank 0 hashes (and fsyncs) every file into the manifest, writes the marker, renames the
-directory to `step-XXXXXXXX` and fsyncs the parent. A `step-*` directory therefore either did
+directory to `step-NNNNNNNN` and fsyncs the parent. A `step-*` directory therefore either did
 not exist before the crash or is complete; a crash mid-save leaves only a hidden `.tmp-*` dir
 that resume never looks at and the next successful save removes.
 
@@ -76,7 +76,7 @@ def _tag(step: int) -> str:
 
 
 def step_of(d: Path) -> int | None:
-    """The step of a `step-XXXXXXXX` directory name (None for anything else)."""
+    """The step of a `step-NNNNNNNN` directory name (None for anything else)."""
     m = _STEP_RE.match(d.name)
     return int(m.group(1)) if m else None
 
