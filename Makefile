@@ -30,6 +30,7 @@ bench: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 bench/eval_generation.py
 	$(PY) bench/step_time.py
 	$(PY) bench/compare_methods.py
+	$(PY) bench/quant_memory.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -96,6 +96,17 @@ class TrainConfig:
     bf16: bool = _f(False, "bf16 backbone and prompt compute (fp32 master weights)")
     fp16: bool = _f(False, "not supported: T5 overflows in fp16; use --bf16")
 
+    # --- quantized backbone (bitsandbytes; see dtvg_ds/quant.py for the supported combinations) ---
+    load_in_8bit: bool = _f(False, "LLM.int8 backbone; ZeRO-0/1/2 only (ds_configs/zero2_8bit.json)")
+    load_in_4bit: bool = _f(False, "4-bit (NF4/FP4) backbone; any ZeRO stage (ds_configs/zero3.json)")
+    llm_int8_threshold: float = _f(6.0, "8-bit: outlier threshold of LLM.int8 (0 = no outliers)")
+    bnb_4bit_quant_type: str = _f("nf4", "4-bit: nf4 or fp4")
+    bnb_4bit_compute_dtype: str = _f("auto", "4-bit: float32|bfloat16 (auto = the model dtype)")
+    bnb_4bit_quant_storage: str = _f(
+        "auto", "4-bit: storage dtype uint8|float32|bfloat16 (auto = the model dtype; ZeRO-3 "
+                "needs the model dtype)")
+    bnb_4bit_use_double_quant: bool = _f(False, "4-bit: quantize the quantization constants too")
+
     # --- evaluation, logging, checkpoints ---
     eval_steps: int = _f(100, "evaluate by generation every N steps (0 = only at the end)")
     save_steps: int = _f(100, "checkpoint every N steps (0 = only at the end)")
@@ -286,6 +297,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         probs.append("--mpt_uv_init: choose mean or ones")
     if cfg.mpt_temperature <= 0:
         probs.append("--mpt_temperature must be > 0")
+    from dtvg_ds import quant  # late: quant imports this module
+
+    probs += quant.validate_flags(cfg)
     return probs
 
 
@@ -349,6 +363,11 @@ def resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
         if zero_stage(ds) not in (0, 1, 2, 3):
             raise ConfigError([f"{path}: zero_optimization.stage = {zero_stage(ds)}; use 0-3"])
         _check_zero_section(ds, path)
+        from dtvg_ds import quant
+
+        problems = quant.check_zero_combination(cfg, zero_stage(ds), path)
+        if problems:
+            raise ConfigError(problems)
         return ds, adopted
     except ConfigError:
         raise

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dtvg_ds import artifacts, checkpoint, dist
+from dtvg_ds import artifacts, checkpoint, dist, quant
 from dtvg_ds.config import DEMO_MODEL, ConfigError, TrainConfig, read_ds_config, resolve_ds_config
 from dtvg_ds.config import zero_stage as get_zero_stage
 from dtvg_ds.data import batches, metrics
@@ -273,6 +273,7 @@ class Run:
     zero_stage: int
     model_path: str
     meta: dict[str, Any]
+    backbone_checksum: str  # this rank's frozen backbone bytes after set-up (see check_frozen)
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -307,13 +308,20 @@ def setup(cfg: TrainConfig) -> Run:
     stage = get_zero_stage(ds)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     keep_alive = None
-    if stage == 3:
+    if stage == 3 and not quant.is_quantized(cfg):
         from transformers.integrations import HfDeepSpeedConfig
 
         # Must exist *before* from_pretrained so that loading runs under zero.Init and each
-        # rank only ever holds its 1/N partition of the backbone.
+        # rank only ever holds its 1/N partition of the backbone. transformers never loads a
+        # quantized model under zero.Init (and then refuses the device_map bitsandbytes
+        # needs): a 4-bit backbone is loaded whole and partitioned by deepspeed.initialize.
         keep_alive = HfDeepSpeedConfig(ds)
-    backbone = load_backbone(model_path, dtype)
+    if quant.is_quantized(cfg):
+        quant.require_bitsandbytes()
+        quant.quiet_known_warnings()
+    # A quantized backbone is placed on this rank's device by the loader (never `.to()`-moved).
+    backbone = load_backbone(model_path, dtype, quant.bnb_config(cfg), _device())
+    quant.freeze_layout(backbone)
     trainable, frozen = count_parameters(backbone)
     if trainable:
         raise TrainingError(f"{trainable} backbone parameters are trainable; expected 0")
@@ -337,8 +345,23 @@ def setup(cfg: TrainConfig) -> Run:
     del keep_alive
     info(f"backbone {model_path}: {frozen:,} frozen parameters (0 trainable); prompt "
          f"{n_prompt:,} trainable; ZeRO stage {stage}; world size {dist.world_size()}")
+    if quant.is_quantized(cfg):
+        info(f"quantized backbone ({'int8' if cfg.load_in_8bit else cfg.bnb_4bit_quant_type}): "
+             f"{quant.quantization_report(backbone)}"
+             + ("; LLM.int8 multiplies through fp16 (bitsandbytes' design)" if cfg.load_in_8bit
+                else ""))
+    info(f"backbone bytes on rank {dist.rank()}: {quant.local_bytes(backbone):,}")
     return Run(cfg, ds, task, tokenizer, train, train_tasks, valid, valid_tasks, model, method,
-               engine, stage, model_path, meta)
+               engine, stage, model_path, meta, quant.checksum(backbone))
+
+
+def check_frozen(run: Run) -> None:
+    """Stop loudly if any rank's frozen backbone bytes (incl. quantization constants) changed."""
+    now = quant.checksum(run.model.backbone)
+    if dist.any_rank(now != run.backbone_checksum):  # collective: every rank learns the verdict
+        raise TrainingError(f"the frozen backbone changed during training (rank {dist.rank()}: "
+                            f"checksum {run.backbone_checksum} -> {now}); please report this")
+    info(f"frozen backbone unchanged on every rank (rank 0 checksum {now})")
 
 
 def check_replicas(method: PromptMethod, step: int) -> str:
@@ -461,6 +484,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                 f"{checkpoint.ckpt_root(cfg.output_dir)}, resume with --resume auto")
             return {"output_dir": cfg.output_dir, "stopped_at": step}
     bar.close()
+    check_frozen(run)
     if not best.tensors:  # resumed at max_steps, or eval never ran: export the current prompt
         best = Best(best.score, step, best.metrics, _best_tensors(method))
     out = export(run, best, step)

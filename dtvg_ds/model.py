@@ -66,11 +66,15 @@ def check_backbone_source(name_or_path: str, inputs: Any = None) -> None:
                                 f"{name_or_path!r} ({fp}); pass the --model_name_or_path it used")
 
 
-def load_backbone(name_or_path: str, dtype: torch.dtype) -> nn.Module:
+def load_backbone(name_or_path: str, dtype: torch.dtype, quantization: Any = None,
+                  device: torch.device | None = None) -> nn.Module:
     """Load a seq2seq backbone through `from_pretrained` and freeze every parameter.
 
     Under ZeRO-3 the caller keeps an `HfDeepSpeedConfig` alive so that `from_pretrained` runs
-    inside `zero.Init` and each rank only ever materialises its 1/N partition.
+    inside `zero.Init` and each rank only ever materialises its 1/N partition. A quantized
+    backbone (`quantization` = a `BitsAndBytesConfig`, see `dtvg_ds.quant`) is placed by the
+    loader on `device` and must never be moved with `.to()` afterwards: transformers loads it
+    outside `zero.Init`, whole on every rank.
     """
     from transformers import AutoModelForSeq2SeqLM
 
@@ -78,8 +82,12 @@ def load_backbone(name_or_path: str, dtype: torch.dtype) -> nn.Module:
     if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
         raise ModelLoadError(f"--model_name_or_path {name_or_path}: no such directory; pass a "
                              "local model dir (with config.json) or a Hub id")
+    kw: dict[str, Any] = {}
+    if quantization is not None:
+        kw = {"quantization_config": quantization,
+              "device_map": {"": str(device) if device is not None else "cpu"}}
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=dtype)
+        model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=dtype, **kw)
     except OSError as e:
         raise ModelLoadError(f"--model_name_or_path {name_or_path}: could not load ({e}). "
                              "Check the path / Hub id, or run with HF_HUB_OFFLINE=0") from None

@@ -107,6 +107,39 @@ def param_shapes(config: Any) -> list[tuple[str, int]]:
     return [(n, p.numel()) for n, p in model.named_parameters()]  # tied weights counted once
 
 
+def quantizable_linears(config: Any) -> dict[str, int]:
+    """{weight name: out_features} of the linear layers bitsandbytes would quantize, the way
+    transformers decides it: every `nn.Linear` except the model's `_keep_in_fp32_modules` (T5:
+    `wo`) and the output embedding (`lm_head`). Built on the meta device."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    with torch.device("meta"):
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    out_emb = model.get_output_embeddings()
+    return {f"{name}.weight": mod.out_features for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and mod is not out_emb
+            and not keep & set(name.split("."))}
+
+
+def quantized_storage(numel: int, rows: int, bits: int, storage_bytes: int,
+                      double_quant: bool = False, blocksize: int = 64) -> tuple[int, int]:
+    """(stored elements of the weight tensor, bytes of its quantization constants) of one
+    quantized weight. int8 (`bits` 8): one byte per element + an fp32 scale per row (`SCB`).
+    4-bit: two elements per byte, packed into a tensor of `storage_bytes`-byte elements, + an
+    fp32 absmax per block of 64 and the 16-entry fp32 codebook; double quantization stores the
+    absmax as uint8 + an fp32 absmax per 256 blocks + a 256-entry fp32 codebook."""
+    if bits == 8:
+        return numel, 4 * rows
+    packed = math.ceil(numel / 2)
+    blocks = math.ceil(numel / blocksize)
+    consts = 4 * blocks + 4 * 16
+    if double_quant:
+        consts = blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16
+    return math.ceil(packed / storage_bytes), consts
+
+
 def prompt_tensors(method: str, r: int, d: int, n_sources: int) -> tuple[list[list[int]], int]:
     """Trainable parameter groups (numels per group) and the frozen fp32 prompt-side elements."""
     if method == "pt":
@@ -132,8 +165,15 @@ def _device(section: Any) -> str:
 
 def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_tokens: int = 100,
          bf16: bool = False, method: str = "pt", num_sources: int = 6,
-         shapes: list[tuple[str, int]] | None = None) -> dict[str, Any]:
-    """Memory per rank of a job (pure computation; `shapes` defaults to `param_shapes(config)`)."""
+         shapes: list[tuple[str, int]] | None = None, quantize: str = "none",
+         quant_storage: str = "auto", double_quant: bool = False,
+         quantizable: dict[str, int] | None = None) -> dict[str, Any]:
+    """Memory per rank of a job (pure computation; `shapes` defaults to `param_shapes(config)`).
+
+    `quantize` 'int8' | '4bit' models a bitsandbytes backbone (`quantizable` defaults to
+    `quantizable_linears(config)`): the quantized weights' stored elements and the quantization
+    constants, which are not parameters and stay whole on every rank even under ZeRO-3.
+    """
     n = int(world_size)
     if n < 1:
         raise PlanError("--world_size must be >= 1")
@@ -148,6 +188,22 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
     bf16_on = ds_config.get("bf16", {}).get("enabled", "auto")
     use_bf16 = bool(bf16) if bf16_on == "auto" else bool(bf16_on) or bool(bf16)
     pbytes = 2 if use_bf16 else 4
+    if quantize not in ("none", "int8", "4bit"):
+        raise PlanError(f"--quantize {quantize!r}: choose none, int8 or 4bit")
+    if quantize == "int8" and stage == 3:
+        raise PlanError("int8 with ZeRO-3 is refused by the engine (see dtvg_ds/quant.py); "
+                        "plan it with ds_configs/zero2_8bit.json, or --quantize 4bit")
+    # per tensor: (stored elements, bytes per stored element, whole-on-every-rank constant bytes)
+    store_b = {"auto": pbytes, "uint8": 1, "float32": 4, "bfloat16": 2}[quant_storage]
+    if quantize != "none" and quantizable is None:
+        quantizable = quantizable_linears(config)
+    qmap = quantizable if quantize != "none" else {}
+    stored: dict[str, tuple[int, int, int]] = {}
+    for name, x in (shapes if shapes is not None else []):
+        if name in qmap:
+            el, consts = quantized_storage(x, qmap[name], 8 if quantize == "int8" else 4,
+                                           1 if quantize == "int8" else store_b, double_quant)
+            stored[name] = (el, 1 if quantize == "int8" else store_b, consts)
 
     groups, frozen_prompt = prompt_tensors(method, r, d, num_sources)
     trainable = [x for g in groups for x in g]
@@ -155,6 +211,10 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
 
     # -- backbone --------------------------------------------------------------------------
     total = sum(x for _, x in shapes)
+    # (name, stored elements, bytes per stored element) of every tensor as it sits in memory
+    tensors = [(name, *stored.get(name, (x, pbytes, 0))[:2]) for name, x in shapes]
+    consts = sum(c for _, _, c in stored.values())  # whole on every rank, never partitioned
+    dtype_name = "bf16" if use_bf16 else "fp32"
     if stage == 3:
         thr = zero.get("stage3_param_persistence_threshold", "auto")
         thr = max(trainable) if thr == "auto" else int(thr)
@@ -164,27 +224,26 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
         cap = zero.get("stage3_model_persistence_threshold", "auto")
         cap = sys.maxsize if cap == "auto" else int(cap)
         running = n_train  # the prompter is registered first and persists first
-        persistent: list[tuple[str, int]] = []
-        for name, x in shapes:
+        persistent: list[tuple[str, int, int]] = []
+        for name, x, size in tensors:
             if x + running > cap:
                 continue
             if x <= thr:
-                persistent.append((name, x))
+                persistent.append((name, x, size))
                 running += x
-        part = sum(math.ceil(x / n) for _, x in shapes)
-        pers = sum(x for _, x in persistent)
-        part_bytes = part * pbytes
+        part = sum(math.ceil(x / n) for _, x, _ in tensors)
+        pers = sum(x for _, x, _ in persistent)
         part_dev = _device(zero.get("offload_param"))
         backbone = {
-            "params": total, "tensors": len(shapes), "dtype": "bf16" if use_bf16 else "fp32",
+            "params": total, "tensors": len(shapes), "dtype": dtype_name,
             "partitioned": True, "partition_elements_per_rank": part,
-            "partition_padding_elements": part * n - total,
+            "partition_padding_elements": part * n - sum(x for _, x, _ in tensors),
             "persistence_threshold": thr, "persistent_tensors": len(persistent),
             "persistent_elements": pers,
             "elements_per_rank": part + pers,
-            "partition_bytes_per_rank": part_bytes, "partition_device": part_dev,
-            "partition_storage": "bf16" if use_bf16 else "fp32",
-            "persistent_bytes_per_rank": pers * pbytes,
+            "partition_bytes_per_rank": sum(math.ceil(x / n) * sz for _, x, sz in tensors),
+            "partition_device": part_dev, "partition_storage": dtype_name,
+            "persistent_bytes_per_rank": sum(x * sz for _, x, sz in persistent),
         }
         max_live = int(zero.get("stage3_max_live_parameters", 1_000_000_000))
         largest = max(x for _, x in shapes)
@@ -193,17 +252,27 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
                      "zero3_gather_bound_bytes": gather_bound * pbytes,
                      "largest_tensor_elements": largest}
     else:
+        whole = sum(x for _, x, _ in tensors)
         backbone = {
-            "params": total, "tensors": len(shapes), "dtype": "bf16" if use_bf16 else "fp32",
-            "partitioned": False, "partition_elements_per_rank": total,
+            "params": total, "tensors": len(shapes), "dtype": dtype_name,
+            "partitioned": False, "partition_elements_per_rank": whole,
             "partition_padding_elements": 0, "persistence_threshold": None,
-            "persistent_tensors": len(shapes), "persistent_elements": total,
-            "elements_per_rank": total, "partition_bytes_per_rank": 0,
+            "persistent_tensors": len(shapes), "persistent_elements": whole,
+            "elements_per_rank": whole, "partition_bytes_per_rank": 0,
             "partition_device": "accelerator", "partition_storage": None,
-            "persistent_bytes_per_rank": total * pbytes,
+            "persistent_bytes_per_rank": sum(x * sz for _, x, sz in tensors),
         }
         transient = {"zero3_gather_bound_elements": 0, "zero3_gather_bound_bytes": 0,
                      "largest_tensor_elements": max(x for _, x in shapes)}
+    # transformers loads a quantized model outside zero.Init: whole on every rank until
+    # deepspeed.initialize partitions it (engine.setup)
+    transient["load_whole_bytes"] = (sum(x * sz for _, x, sz in tensors) + consts
+                                     if quantize != "none" and stage == 3 else 0)
+    backbone["quantize"] = quantize
+    backbone["quantized_tensors"] = len(stored)
+    backbone["quant_constant_bytes_per_rank"] = consts
+    backbone["bytes_per_rank"] = (backbone["partition_bytes_per_rank"]
+                                  + backbone["persistent_bytes_per_rank"] + consts)
 
     # -- prompt, optimizer, gradients ----------------------------------------------------------
     prompt = {"trainable_elements": n_train, "trainable_tensors": trainable,
@@ -221,7 +290,8 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
              "bytes_per_rank": grad_elems * 4}
 
     # -- totals --------------------------------------------------------------------------------
-    dev = prompt["bytes_per_rank"] + grads["bytes_per_rank"] + backbone["persistent_bytes_per_rank"]
+    dev = (prompt["bytes_per_rank"] + grads["bytes_per_rank"] + backbone["persistent_bytes_per_rank"]
+           + backbone["quant_constant_bytes_per_rank"])
     host = 0
     if backbone["partition_device"] == "accelerator":
         dev += backbone["partition_bytes_per_rank"]
@@ -267,7 +337,9 @@ def render(p: dict[str, Any]) -> str:
         f"model {p.get('model', '?')}{src}",
         f"  {bb['params']:,} backbone parameters in {bb['tensors']} tensors, d_model {p['d_model']}",
         f"job: world size {n}, ZeRO stage {p['zero_stage']} ({p.get('config', '?')}), "
-        f"{'bf16' if p['bf16'] else 'fp32'}, method {meth}, r = {p['num_virtual_tokens']}",
+        f"{'bf16' if p['bf16'] else 'fp32'}, method {meth}, r = {p['num_virtual_tokens']}"
+        + ("" if bb["quantize"] == "none" else
+           f", {bb['quantize']} backbone ({bb['quantized_tensors']} linear weights quantized)"),
         "memory per rank (computed from the config, not measured):",
     ]
     if bb["partitioned"]:
@@ -284,6 +356,9 @@ def render(p: dict[str, Any]) -> str:
     else:
         lines.append(f"  backbone (whole)    {bb['elements_per_rank']:>15,} el "
                      f"{_b(bb['persistent_bytes_per_rank'])}  (ZeRO-{p['zero_stage']}: replicated)")
+    if bb["quant_constant_bytes_per_rank"]:
+        lines.append(f"  quant. constants    {'':>15}    {_b(bb['quant_constant_bytes_per_rank'])}"
+                     "  (scales/absmax: not parameters, whole on every rank)")
     lines += [
         f"  prompt (replicated) {pr['trainable_elements']:>15,} el {_b(pr['bytes_per_rank'])}"
         f"  (+ {pr['frozen_fp32_elements']:,} fp32 el of P_init"
@@ -300,6 +375,10 @@ def render(p: dict[str, Any]) -> str:
     if tr["zero3_gather_bound_elements"]:
         lines.append(f"  + transient ZeRO-3 all-gathers up to {tr['zero3_gather_bound_elements']:,} el "
                      f"({_b(tr['zero3_gather_bound_bytes']).strip()}, stage3_max_live_parameters)")
+    if tr.get("load_whole_bytes"):
+        lines.append(f"  + at start-up the whole quantized backbone, {_b(tr['load_whole_bytes']).strip()}"
+                     ", until deepspeed.initialize partitions it (quantized models load outside "
+                     "zero.Init)")
     lines.append("  not counted: " + "; ".join(p["not_counted"][:1] + p["not_counted"][2:]))
     return "\n".join(lines)
 
@@ -314,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--method", choices=["pt", "dtvg"], default="pt")
     ap.add_argument("--num_sources", type=int, default=6)
+    ap.add_argument("--quantize", choices=["none", "int8", "4bit"], default="none",
+                    help="bitsandbytes backbone: int8 (--load_in_8bit) or 4bit (--load_in_4bit)")
+    ap.add_argument("--bnb_4bit_quant_storage", choices=["auto", "uint8", "float32", "bfloat16"],
+                    default="auto", help="4bit: storage dtype (auto = the model dtype)")
+    ap.add_argument("--bnb_4bit_use_double_quant", action="store_true")
     ap.add_argument("--no_presets", action="store_true",
                     help="always read the config (Hub/dir), never a built-in preset")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -321,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ds = json.loads(Path(a.config).read_text())
         cfg, preset = load_config(a.model, not a.no_presets)
-        out = plan(cfg, a.world_size, ds, a.num_virtual_tokens, a.bf16, a.method, a.num_sources)
+        out = plan(cfg, a.world_size, ds, a.num_virtual_tokens, a.bf16, a.method, a.num_sources,
+                   quantize=a.quantize, quant_storage=a.bnb_4bit_quant_storage,
+                   double_quant=a.bnb_4bit_use_double_quant)
     except (OSError, json.JSONDecodeError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -89,6 +89,35 @@ def train_args(model: Path, out: Path, task: str = "senti_a", **kw) -> list[str]
     return out_args
 
 
+def assert_first_step_matches(backbone, model_dir: Path, facts: list[dict]) -> None:
+    """Rebuild the probe's first step in one process (PT, r = 8, the same vocab init) on
+    `backbone`, and check every rank's loss and the averaged prompt gradient against it.
+
+    DeepSpeed averages the per-rank mean losses' gradients: the reference does exactly that.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from dtvg_ds.data import batches
+    from dtvg_ds.data.tasks import get_task
+    from dtvg_ds.methods.pt import PromptTuning
+    from dtvg_ds.model import PromptedSeq2Seq, init_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = PromptedSeq2Seq(PromptTuning(init_prompt(backbone, 8, "vocab", 0)), backbone)
+    enc = batches.encode(get_task("senti_a").load("train", limit=256), tok, 256, 16)
+    losses = [model(**batches.collate(enc, f["indices0"], tok.pad_token_id)) for f in facts]
+    for f, loss in zip(facts, losses, strict=True):
+        assert f["loss0"] == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-5)
+    (sum(losses) / len(losses)).backward()
+    ref = model.prompter.prompt.grad
+    assert ref.abs().sum() > 0
+    for f in facts:
+        got = torch.tensor(f["grad0"])
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

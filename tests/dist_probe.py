@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
-from dtvg_ds import dist  # noqa: E402
+from dtvg_ds import dist, quant  # noqa: E402
 from dtvg_ds.config import parse_config  # noqa: E402
 from dtvg_ds.data import batches  # noqa: E402
 from dtvg_ds.engine import setup  # noqa: E402
@@ -32,6 +32,7 @@ def main() -> None:
     facts["backbone_local"] = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
                                   for p in bb)
     facts["backbone_trainable"] = sum(p.numel() for p in bb if p.requires_grad)
+    facts["checksum_before"] = quant.checksum(run.model.backbone)
     prm = method.prompt
     facts["prompt_persist"] = bool(getattr(prm, "ds_persist", True))
     grads, prompts = [], []
@@ -51,6 +52,9 @@ def main() -> None:
         # The prompt's local data: whole (r x d) on every rank, and equal across ranks.
         facts["prompt_local_numel"] = prm.numel()
         prompts.append(prm.detach().float().clone())
+    facts["checksum_after"] = quant.checksum(run.model.backbone)
+    # steady state: ZeRO-3 materialises persistent parameters at the first forward
+    facts["backbone_bytes"] = quant.local_bytes(run.model.backbone)
     facts["grad0"] = grads[0]
     facts["prompt_final"] = prompts[-1].tolist()
     facts["fingerprint"] = dist.check_replicas(method.named_trainable(), cfg.max_steps)

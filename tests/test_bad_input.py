@@ -146,11 +146,13 @@ def test_contradictory_flags(tiny_model, tmp_path, capsys):
                   tmp_path, capsys, "--resume and --overwrite_output_dir contradict each other")
 
 
-def test_quantization_flags_do_not_exist_yet(tiny_model, tmp_path, capsys):
-    """Quantized backbones are issue 7: until then the flag is refused like any unknown one.
-    When it lands, this test must become 'quantization + ZeRO-3 -> a clear error'."""
-    _expect_error(_argv(tiny_model, tmp_path) + ["--load_in_4bit"], tmp_path, capsys,
-                  "unrecognized arguments: --load_in_4bit")
+def test_unsupported_quantization_zero_combination(tiny_model, tmp_path, capsys):
+    _expect_error(_argv(tiny_model, tmp_path) + ["--load_in_8bit"], tmp_path, capsys,
+                  "--load_in_8bit with ZeRO-3", "use --deepspeed ds_configs/zero2_8bit.json")
+    _expect_error(_argv(tiny_model, tmp_path) + ["--load_in_4bit", "--bf16",
+                                                 "--bnb_4bit_quant_storage", "uint8"],
+                  tmp_path, capsys, "--bnb_4bit_quant_storage uint8 with a bfloat16 model",
+                  "set --bnb_4bit_quant_storage bfloat16")
 
 
 # --- backbone ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import ROOT, launch, train_args
+from tests.conftest import ROOT, assert_first_step_matches, launch, train_args
 
 pytestmark = pytest.mark.dist
 
@@ -41,27 +41,9 @@ def test_prompt_is_whole_and_identical_on_every_rank(probe):
 
 
 def test_first_step_gradient_matches_single_process_reference(probe, tiny_model):
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from dtvg_ds.data import batches
-    from dtvg_ds.data.tasks import get_task
-    from dtvg_ds.methods.pt import PromptTuning
-    from dtvg_ds.model import PromptedSeq2Seq, init_prompt
+    from transformers import AutoModelForSeq2SeqLM
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny_model)
     backbone = AutoModelForSeq2SeqLM.from_pretrained(tiny_model, dtype=torch.float32)
     backbone.requires_grad_(False)
-    model = PromptedSeq2Seq(PromptTuning(init_prompt(backbone, 8, "vocab", 0)), backbone)
-    enc = batches.encode(get_task("senti_a").load("train", limit=256), tok, 256, 16)
-    # DeepSpeed averages the per-rank mean losses' gradients: reproduce exactly that.
-    losses = [model(**batches.collate(enc, f["indices0"], tok.pad_token_id)) for f in probe]
-    for f, loss in zip(probe, losses, strict=True):
-        assert f["loss0"] == pytest.approx(float(loss.detach()), abs=1e-5)
-    (sum(losses) / len(losses)).backward()
-    ref = model.prompter.prompt.grad
-    for f in probe:
-        got = torch.tensor(f["grad0"])
-        assert got.shape == ref.shape
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
-    assert ref.abs().sum() > 0
+    assert_first_step_matches(backbone, tiny_model, probe)
