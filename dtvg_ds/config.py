@@ -116,7 +116,8 @@ class TrainConfig:
     eval_gather_backbone: str = _f(
         "auto", "gather the ZeRO-3 backbone once per evaluation: auto|always|never"
     )
-    report_to: str = _f("tensorboard", "extra loggers: tensorboard|none (JSONL is always on)")
+    report_to: str = _f("tensorboard", "extra loggers, comma-separated: tensorboard, wandb, or none "
+                                       "(JSONL is always on; wandb reads WANDB_PROJECT/WANDB_MODE)")
 
     # --- stage 2 (DTVG) and SPoT ---
     target_tpv: str = _f("", "DTVG/SPoT: the target task's stage-1 prompt artifact dir")
@@ -237,6 +238,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
+def report_sinks(report_to: str) -> list[str]:
+    """'tensorboard,wandb' -> ['tensorboard', 'wandb']; 'none' -> []."""
+    return [s.strip() for s in report_to.split(",") if s.strip() and s.strip() != "none"]
+
+
 def validate(cfg: TrainConfig) -> list[str]:
     """Every problem with the settings, each naming the flag to change."""
     probs: list[str] = []
@@ -267,8 +273,16 @@ def validate(cfg: TrainConfig) -> list[str]:
         probs.append("--fp16: T5 overflows in fp16 (NaN losses); use --bf16 or fp32")
     if cfg.eval_gather_backbone not in ("auto", "always", "never"):
         probs.append("--eval_gather_backbone: choose auto, always or never")
-    if cfg.report_to not in ("tensorboard", "none"):
-        probs.append("--report_to: choose tensorboard or none")
+    sinks = report_sinks(cfg.report_to)
+    if not set(sinks) <= {"tensorboard", "wandb"} or ("none" in cfg.report_to and sinks):
+        probs.append(f"--report_to {cfg.report_to!r}: give tensorboard, wandb, both "
+                     "comma-separated, or none")
+    elif "wandb" in sinks:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            probs.append("--report_to wandb needs the wandb package: pip install 'dtvg_ds[wandb]' "
+                         "(or drop wandb from --report_to)")
     if cfg.resume and cfg.overwrite_output_dir:
         probs.append("--resume and --overwrite_output_dir contradict each other; pass one")
     if cfg.ablation not in ABLATIONS:

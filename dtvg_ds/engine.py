@@ -21,7 +21,14 @@ from typing import Any
 import torch
 
 from dtvg_ds import artifacts, checkpoint, dist, quant
-from dtvg_ds.config import DEMO_MODEL, ConfigError, TrainConfig, read_ds_config, resolve_ds_config
+from dtvg_ds.config import (
+    DEMO_MODEL,
+    ConfigError,
+    TrainConfig,
+    read_ds_config,
+    report_sinks,
+    resolve_ds_config,
+)
 from dtvg_ds.config import zero_stage as get_zero_stage
 from dtvg_ds.data import batches, metrics
 from dtvg_ds.data.mixtures import MIX_SEPARATOR, MixtureTask, is_mixture
@@ -56,6 +63,31 @@ class Best:
 # ----------------------------------------------------------------------------------------------
 # set-up
 # ----------------------------------------------------------------------------------------------
+
+class StartupClock:
+    """Seconds from the process's start to each set-up phase and to the first optimizer step
+    (logged once as `startup_*` in metrics.jsonl: where a launch spends its time)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.t0 = psutil.Process().create_time()  # the interpreter's start, not our import
+        self.last = self.t0
+        self.phases: dict[str, float] = {}
+        self.mark("interpreter_and_imports")
+
+    def mark(self, phase: str) -> None:
+        """Close `phase` now."""
+        now = time.time()
+        self.phases[phase] = round(now - self.last, 3)
+        self.last = now
+
+    def record(self) -> dict[str, float]:
+        """The phases and the total, as flat scalars for the run log."""
+        self.mark("first_step")
+        return {"startup_s_to_first_step": round(self.last - self.t0, 3),
+                **{f"startup_{k}_s": v for k, v in self.phases.items()}}
+
 
 class Preempted(RuntimeError):
     """SIGTERM/SIGUSR1 arrived; a checkpoint was written and the run stopped cleanly."""
@@ -274,6 +306,7 @@ class Run:
     model_path: str
     meta: dict[str, Any]
     backbone_checksum: str  # this rank's frozen backbone bytes after set-up (see check_frozen)
+    clock: StartupClock | None  # None once the first step has logged it
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -281,6 +314,7 @@ def setup(cfg: TrainConfig) -> Run:
     import deepspeed
     from transformers import AutoTokenizer
 
+    clock = StartupClock()
     # Everything that can be checked without peers is checked first: a bad flag, file or
     # artifact fails in a second, before any process group, compilation or write.
     ds, adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed),
@@ -292,7 +326,9 @@ def setup(cfg: TrainConfig) -> Run:
     train_recs = task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
                            k_shot=cfg.k_shot)  # empty data, k_shot > data: fail before init
     valid_recs = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)
+    clock.mark("checks_and_data_read")
     dist.init()
+    clock.mark("process_group")
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
     check_output_dir(cfg)
@@ -303,6 +339,7 @@ def setup(cfg: TrainConfig) -> Run:
     train, valid = (batches.encode_cached(recs, tokenizer, cfg.max_source_length,
                                           cfg.max_target_length, cache, key=f"{task.name}-{split}")
                     for recs, split in ((train_recs, "train"), (valid_recs, "validation")))
+    clock.mark("tokenize")
     valid_tasks = [r.get("task", task.name) for r in valid_recs]
     train_tasks = [r.get("task", task.name) for r in train_recs]
     stage = get_zero_stage(ds)
@@ -317,11 +354,11 @@ def setup(cfg: TrainConfig) -> Run:
         # needs): a 4-bit backbone is loaded whole and partitioned by deepspeed.initialize.
         keep_alive = HfDeepSpeedConfig(ds)
     if quant.is_quantized(cfg):
-        quant.require_bitsandbytes()
         quant.quiet_known_warnings()
     # A quantized backbone is placed on this rank's device by the loader (never `.to()`-moved).
     backbone = load_backbone(model_path, dtype, quant.bnb_config(cfg), _device())
     quant.freeze_layout(backbone)
+    clock.mark("load_backbone")
     trainable, frozen = count_parameters(backbone)
     if trainable:
         raise TrainingError(f"{trainable} backbone parameters are trainable; expected 0")
@@ -343,6 +380,7 @@ def setup(cfg: TrainConfig) -> Run:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
                                            lr_scheduler=schedule)
     del keep_alive
+    clock.mark("deepspeed_initialize")
     info(f"backbone {model_path}: {frozen:,} frozen parameters (0 trainable); prompt "
          f"{n_prompt:,} trainable; ZeRO stage {stage}; world size {dist.world_size()}")
     if quant.is_quantized(cfg):
@@ -350,9 +388,8 @@ def setup(cfg: TrainConfig) -> Run:
              f"{quant.quantization_report(backbone)}"
              + ("; LLM.int8 multiplies through fp16 (bitsandbytes' design)" if cfg.load_in_8bit
                 else ""))
-    info(f"backbone bytes on rank {dist.rank()}: {quant.local_bytes(backbone):,}")
     return Run(cfg, ds, task, tokenizer, train, train_tasks, valid, valid_tasks, model, method,
-               engine, stage, model_path, meta, quant.checksum(backbone))
+               engine, stage, model_path, meta, quant.checksum(backbone), clock)
 
 
 def check_frozen(run: Run) -> None:
@@ -361,7 +398,8 @@ def check_frozen(run: Run) -> None:
     if dist.any_rank(now != run.backbone_checksum):  # collective: every rank learns the verdict
         raise TrainingError(f"the frozen backbone changed during training (rank {dist.rank()}: "
                             f"checksum {run.backbone_checksum} -> {now}); please report this")
-    info(f"frozen backbone unchanged on every rank (rank 0 checksum {now})")
+    info(f"frozen backbone unchanged on every rank (rank 0: checksum {now}, "
+         f"{quant.local_bytes(run.model.backbone):,} backbone bytes held)")
 
 
 def check_replicas(method: PromptMethod, step: int) -> str:
@@ -427,8 +465,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     configure_threads()
     run = setup(cfg)
     engine, method, dev = run.engine, run.method, _device()
-    logger = RunLogger(cfg.output_dir, cfg.report_to == "tensorboard")
-    method_log = RunLogger(cfg.output_dir, False, method.log_name)
+    logger = RunLogger(cfg.output_dir, report_sinks(cfg.report_to), config=cfg.to_dict())
+    method_log = RunLogger(cfg.output_dir, (), method.log_name)
     if dist.is_main():
         artifacts.atomic_write_json(Path(cfg.output_dir) / "run_config.json",
                                     {"config": cfg.to_dict(), "deepspeed": run.ds,
@@ -451,6 +489,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         loss_sum += _micro_steps(run, step, dev)
         loss_n += cfg.gradient_accumulation_steps
         step += 1
+        if run.clock is not None:  # the first step of this launch: how long start-up took
+            timing, run.clock = run.clock.record(), None
+            logger.log({"step": step, **timing})
         bar.update(1)
         if cfg.fingerprint_every and _every(cfg.fingerprint_every, step, cfg.max_steps):
             check_replicas(method, step)

@@ -1,4 +1,4 @@
-"""Rank-0 run logging: JSONL always, TensorBoard when installed, tqdm progress bars.
+"""Rank-0 run logging: JSONL always, TensorBoard / Weights & Biases on request, tqdm bars.
 
 Every rank may call these; only rank 0 writes or draws, so logs never interleave.
 """
@@ -6,6 +6,7 @@ Every rank may call these; only rank 0 writes or draws, so logs never interleave
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,19 +22,25 @@ def info(msg: str) -> None:
 
 
 class RunLogger:
-    """Appends one JSON object per line to `<output_dir>/<name>` and mirrors scalars to TB."""
+    """Appends one JSON object per line to `<output_dir>/<name>` (always) and mirrors scalars
+    to TensorBoard and/or Weights & Biases (rank 0 only)."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool, name: str = "metrics.jsonl"):
+    def __init__(self, out_dir: str | Path, sinks: list[str] | tuple[str, ...] = (),
+                 name: str = "metrics.jsonl", config: dict[str, Any] | None = None):
         self.main = dist.is_main()
         self.path = Path(out_dir) / name
-        self.tb = None
-        if self.main and tensorboard:
+        self.tb = self.wandb = None
+        if not self.main:
+            return
+        if "tensorboard" in sinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
             except ImportError:  # TensorBoard is optional
                 self.tb = None
+        if "wandb" in sinks:
+            self.wandb = _start_wandb(Path(out_dir), config or {})
 
     def log(self, record: dict[str, Any]) -> None:
         """Write one record (must contain `step`)."""
@@ -42,15 +49,44 @@ class RunLogger:
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        scalars = {k: v for k, v in record.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)
+                   and k not in ("step", "time")}
         if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, int | float) and k not in ("step", "time"):
-                    self.tb.add_scalar(k, v, record["step"])
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None and scalars:
+            self.wandb.log(scalars, step=int(record["step"]))
 
     def close(self) -> None:
-        """Flush TensorBoard."""
+        """Flush TensorBoard and finish the W&B run."""
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(out_dir: Path, config: dict[str, Any]) -> Any:
+    """A W&B run tied to `out_dir`: its id is kept in the output dir, so `--resume` continues
+    the same W&B run instead of starting a new one. Project from WANDB_PROJECT (default
+    dtvg_ds); WANDB_MODE=offline works without an account."""
+    import uuid
+
+    import wandb
+
+    from dtvg_ds.config import ConfigError
+
+    id_file = out_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+    try:
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dtvg_ds"), id=run_id,
+                         resume="allow", name=out_dir.name, dir=str(out_dir), config=config)
+    except Exception as e:  # noqa: BLE001  -- wandb raises many types (auth, network, usage)
+        raise ConfigError([f"--report_to wandb: W&B did not start ({type(e).__name__}: "
+                           f"{str(e)[:200]}); run `wandb login`, or set WANDB_MODE=offline, "
+                           "or drop wandb from --report_to"]) from None
+    id_file.write_text(run_id)
+    return run
 
 
 def progress(total: int, initial: int = 0, desc: str = "train"):

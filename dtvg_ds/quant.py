@@ -29,6 +29,7 @@ T5 keeps `wo` (the FFN output projection) out of quantization through transforme
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from typing import Any
 
 import torch
@@ -74,6 +75,9 @@ def validate_flags(cfg: Any) -> list[str]:
             probs.append(f"{', '.join(given)} only apply with --load_in_4bit; add it or drop them")
     if "llm_int8_threshold" in cfg.explicit and not cfg.load_in_8bit:
         probs.append("--llm_int8_threshold only applies with --load_in_8bit; add it or drop it")
+    if is_quantized(cfg) and importlib.util.find_spec("bitsandbytes") is None:
+        probs.append("--load_in_8bit/--load_in_4bit need bitsandbytes: pip install "
+                     "'dtvg_ds[quant]'")
     if cfg.llm_int8_threshold < 0:
         probs.append(f"--llm_int8_threshold must be >= 0 (got {cfg.llm_int8_threshold})")
     if cfg.bnb_4bit_quant_type not in QUANT_TYPES:
@@ -106,15 +110,6 @@ def check_zero_combination(cfg: Any, stage: int, path: str) -> list[str]:
             probs.append(f"--bnb_4bit_quant_storage {have} with a {want} model ({path}, ZeRO-"
                          f"{stage}): {why}; set --bnb_4bit_quant_storage {want} (or auto)")
     return probs
-
-
-def require_bitsandbytes() -> None:
-    """A clear error if bitsandbytes is missing (it is a dependency, but may be broken)."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as e:  # noqa: BLE001  -- any import failure means the same to the user
-        raise RuntimeError(f"--load_in_8bit/--load_in_4bit need bitsandbytes, which failed to "
-                           f"import ({type(e).__name__}: {e}); `pip install bitsandbytes`") from None
 
 
 def bnb_config(cfg: Any) -> Any:
