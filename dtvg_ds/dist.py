@@ -19,11 +19,6 @@ import torch
 import torch.distributed as tdist
 
 
-def launched() -> bool:
-    """True when started by a launcher (deepspeed, torchrun, srun with our sbatch scripts)."""
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ
-
-
 def _env_from_slurm() -> None:
     """`srun python train.py` with one task per rank: map SLURM variables to torch's."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
@@ -58,6 +53,24 @@ def init(timeout_minutes: float = 30.0) -> None:
                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank())
+    else:
+        _unlink_shm_segment()
+
+
+def _unlink_shm_segment() -> None:
+    """Remove this rank's /dev/shm segment of DeepSpeed's CPU shared-memory all-reduce.
+
+    DeepSpeed creates one ~64 MB segment per rank at init and never unlinks it, not even on a
+    clean exit: dozens of runs fill /dev/shm (RAM). Every rank has mapped every peer's segment
+    once `init_distributed` returns (its shm_initialize waits for all of them), so after a
+    barrier the names can go; the mappings stay valid until the processes exit, and nothing
+    is left behind even if a rank is later killed.
+    """
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+            f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    barrier()  # collective: every rank has mapped every segment before any name is removed
+    with contextlib.suppress(OSError):
+        os.unlink(name)
 
 
 def rank() -> int:
@@ -112,15 +125,6 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     tdist.all_gather_object(out, obj)  # collective: every rank contributes its shard
     return out
-
-
-def all_reduce_max(x: float) -> float:
-    """Maximum of a float over ranks."""
-    if not tdist.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)  # collective: every rank
-    return float(t.item())
 
 
 def any_rank(flag: bool) -> bool:

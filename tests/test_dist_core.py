@@ -47,3 +47,14 @@ def test_first_step_gradient_matches_single_process_reference(probe, tiny_model)
     backbone = AutoModelForSeq2SeqLM.from_pretrained(tiny_model, dtype=torch.float32)
     backbone.requires_grad_(False)
     assert_first_step_matches(backbone, tiny_model, probe)
+
+
+def test_no_shared_memory_segment_is_left_behind(tiny_model, tmp_path):
+    """DeepSpeed's CPU all-reduce creates a ~64 MB /dev/shm segment per rank and never removes
+    it; dist.init unlinks each rank's once all ranks have mapped them."""
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    launch(ROOT / "launchers" / "train.py", train_args(tiny_model, tmp_path / "run", max_steps=2))
+    assert set(shm.glob("deepspeed_allreduce_buffer_*")) - before == set()
