@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import build_standard_t5  # noqa: E402
 from dtvg_ds import dist  # noqa: E402
 from dtvg_ds.config import parse_config  # noqa: E402
-from dtvg_ds.engine import evaluate, setup  # noqa: E402
+from dtvg_ds.engine import setup  # noqa: E402
+from dtvg_ds.evaluation import evaluate  # noqa: E402
 
 
 def main() -> None:

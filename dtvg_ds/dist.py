@@ -73,6 +73,14 @@ def _unlink_shm_segment() -> None:
         os.unlink(name)
 
 
+def device() -> torch.device:
+    """This rank's compute device (the CPU, or the accelerator of its local rank)."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device("cpu") if name == "cpu" else torch.device(name, local_rank())
+
+
 def rank() -> int:
     """Global rank (0 without a process group)."""
     return tdist.get_rank() if tdist.is_initialized() else 0

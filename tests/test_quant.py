@@ -14,7 +14,7 @@ from dtvg_ds import quant
 from dtvg_ds.config import ConfigError, parse_config, resolve_ds_config
 from tests.conftest import ROOT, assert_first_step_matches, launch, read_jsonl, train_args
 
-ZERO2_8BIT = str(ROOT / "ds_configs" / "zero2_8bit.json")
+ZERO2_8BIT = str(ROOT / "ds_configs/zero2_8bit.json")
 ZERO3 = str(ROOT / "ds_configs" / "zero3.json")
 
 

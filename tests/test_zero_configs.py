@@ -18,7 +18,8 @@ from tests.conftest import ROOT, launch, read_jsonl, train_args
 TRAIN = ROOT / "launchers" / "train.py"
 # config -> where its 2-rank run lives
 TESTED = {"zero3.json": "tests/test_train_dist.py", "zero2.json": "tests/test_train_dist.py",
-          "zero3_offload.json": "tests/test_zero_configs.py"}
+          "zero3_offload.json": "tests/test_zero_configs.py",
+          "zero2_8bit.json": "tests/test_quant.py"}
 
 
 def test_every_shipped_config_has_a_run_test():

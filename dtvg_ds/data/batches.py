@@ -64,6 +64,11 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
+def to_device(batch: dict[str, torch.Tensor], dev: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a batch on `dev`."""
+    return {k: v.to(dev) for k, v in batch.items()}
+
+
 def collate(enc: Encoded, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """A padded batch: input_ids, attention_mask, labels (padding = -100, ignored by the loss)."""
     src = [enc.sources[i] for i in idx]
