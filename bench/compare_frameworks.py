@@ -1,12 +1,12 @@
 """dtvg_ds against what users run today, side by side on the standard workload (issue 8).
 
-    python bench/compare_frameworks.py [--reps 3] [--steps 40] [--only a,b,...]
+    python bench/compare_frameworks.py [--reps 3] [--steps 40] [--only "name part;name part"]
 
 Every variant is a real launch on this machine's CPU ranks, run one after the other, the whole
 list repeated `--reps` times in the same order (so slow drift hits every variant alike):
 
 - dtvg_ds stage 1 (PT) and stage 2 (DTVG, 6 sources) with the shipped `zero3.json` and
-  `zero2.json` on 2 ranks, PT on 1 rank, and PT with `zero3.json` minus the leaf-module tuning
+  `zero2.json` on 2 ranks and on 1 rank, and PT with `zero3.json` minus the leaf-module tuning
   (the shipped config before it) -- `bench/step_time.py`'s runner: the median of the logged
   10-step windows after the first.
 - (a) a plain single-process PyTorch loop (both cores: `--threads 2`).
@@ -81,6 +81,8 @@ def variants(tmp: Path, data: Path, model: Path, tpvs: list[Path], steps: int) -
         "dtvg_ds DTVG, zero2.json, 2 ranks": ("ours", ours("dtvg", z2, 2)),
         "dtvg_ds PT, zero3.json, 1 rank": ("ours", ours("pt", z3, 1)),
         "dtvg_ds PT, zero2.json, 1 rank": ("ours", ours("pt", z2, 1)),
+        "dtvg_ds DTVG, zero3.json, 1 rank": ("ours", ours("dtvg", z3, 1)),
+        "dtvg_ds DTVG, zero2.json, 1 rank": ("ours", ours("dtvg", z2, 1)),
         "(a) plain PyTorch loop, 1 process, 2 threads": (
             "a", lambda: _baseline([sys.executable, str(ROOT / "bench" / "baselines" /
                                                         "plain_loop.py"), "--steps", str(steps),
@@ -115,7 +117,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--only", default="", help="comma-separated substrings of variant names")
+    ap.add_argument("--only", default="", help="';'-separated substrings of variant names")
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "compare_frameworks.jsonl"))
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cmpfw-"))
@@ -124,7 +126,7 @@ def main() -> None:
     tpvs = make_sources(model, tmp / "tpvs")
     todo = variants(tmp, data, model, tpvs, a.steps)
     if a.only:
-        keys = [s.strip() for s in a.only.split(",")]
+        keys = [s.strip() for s in a.only.split(";")]
         todo = {k: v for k, v in todo.items() if any(s in k for s in keys)}
     results: dict[str, list[float]] = {k: [] for k in todo}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

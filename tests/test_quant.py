@@ -216,3 +216,17 @@ def test_quantized_training_2_ranks_equals_1_rank(tiny_model, tmp_path, ds, flag
     assert len(runs[1]) == 6
     assert runs[2] == pytest.approx(runs[1], rel=1e-5 if "--bf16" not in flags else 1e-2)
     assert runs[2][-1] < runs[2][0]
+
+
+@pytest.mark.dist
+def test_quantized_zero3_stop_and_resume_equals_uninterrupted(tiny_model, tmp_path):
+    """The checkpoint of a run with a partitioned 4-bit backbone (prompt + optimizer state only;
+    frozen weights excluded) resumes to the uninterrupted run's losses."""
+    args = dict(max_steps=6, save_steps=3, deepspeed=ZERO3)
+    full, split = tmp_path / "full", tmp_path / "split"
+    train = ROOT / "launchers" / "train.py"
+    launch(train, train_args(tiny_model, full, **args) + ["--load_in_4bit"])
+    launch(train, train_args(tiny_model, split, stop_at_step=3, **args) + ["--load_in_4bit"])
+    p = launch(train, train_args(tiny_model, split, resume="auto", **args) + ["--load_in_4bit"])
+    assert "resumed from" in p.stdout and "frozen backbone unchanged" in p.stdout
+    assert _losses(split) == pytest.approx(_losses(full), rel=1e-6)
