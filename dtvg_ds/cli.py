@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dtvg_ds.artifacts import ArtifactError
 from dtvg_ds.checkpoint import CheckpointError, OutputWriteError, write_error_message
@@ -157,6 +157,22 @@ def _write_line(e: OSError, out_dir: str) -> str:
         return (f"cannot write {e.filename} ({errno.errorcode.get(e.errno, e.errno)}: "
                 f"{e.strerror}); free space or make it writable (--cache_dir moves the cache)")
     return write_error_message(e, out_dir, "run files")
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a distributed worker with `code` once its own clean-up is done, skipping the
+    interpreter's teardown.
+
+    torch 2.13's gloo backend can abort a rank while Python finalises ("terminate called
+    without an active exception", SIGABRT) even after destroy_process_group, when a worker
+    thread still holds an async work object (pytorch PR #179291 describes the mechanism); it hit
+    one rank of one launch in one of our full test runs (~100 launches), after the work was done.
+    Everything the run writes is closed (and fsynced) before this point, so only the
+    interpreter's own teardown is skipped.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _shutdown() -> None:

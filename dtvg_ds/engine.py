@@ -373,9 +373,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     stop_signal = _StopSignal()
     configure_threads()
     run = setup(cfg)
-    engine, method, dev = run.engine, run.method, dist.device()
     logger = RunLogger(cfg.output_dir, report_sinks(cfg.report_to), config=cfg.to_dict())
-    method_log = RunLogger(cfg.output_dir, (), method.log_name)
+    method_log = RunLogger(cfg.output_dir, (), run.method.log_name)
+    try:
+        return _train_loop(run, logger, method_log, stop_signal)
+    finally:  # also on preemption and errors: flush TensorBoard, finish the W&B run
+        logger.close()
+        method_log.close()
+
+
+def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
+                stop_signal: _StopSignal) -> dict[str, Any]:
+    """Resume if asked, then step, log, evaluate, checkpoint and export (all ranks)."""
+    cfg, engine, method, dev = run.cfg, run.engine, run.method, dist.device()
     if dist.is_main():
         artifacts.atomic_write_json(Path(cfg.output_dir) / "run_config.json",
                                     {"config": cfg.to_dict(), "deepspeed": run.ds,
@@ -438,8 +448,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if not best.tensors:  # resumed at max_steps, or eval never ran: export the current prompt
         best = Best(best.score, step, best.metrics, _best_tensors(method))
     out = export(run, best, step)
-    logger.close()
-    method_log.close()
     summary = {"output_dir": str(out), "best_score": best.score, "best_step": best.step,
                "metric": metric_name(run.task), "best_metrics": best.metrics, "steps": step}
     info(f"done: {cfg.task} best {metric_name(run.task)} {best.score:.2f} at step {best.step}; "

@@ -17,9 +17,11 @@ decided by running them (tests/test_quant.py, README "8-bit and 4-bit backbones"
   accelerate #3730).
 - `--load_in_4bit` (NF4/FP4) with any stage. Under ZeRO-3 the packed 4-bit weights must be
   stored in a float dtype equal to the model dtype (`bnb_4bit_quant_storage`, the QLoRA +
-  DeepSpeed recipe): DeepSpeed partitions parameters of the model dtype, and a uint8 or
-  other-float storage would be cast or mis-flattened. The 4-bit quantization constants
-  (`quant_state.absmax`) are not parameters: every rank keeps them whole.
+  DeepSpeed recipe in PEFT's docs; that is what the tests run). Other storage is refused under
+  ZeRO-3 (not run here); without ZeRO-3, uint8 is fine (run by hand: same losses as bf16
+  storage), but a float storage other than the model dtype is refused because DeepSpeed's bf16
+  set-up casts float parameters and would corrupt the packed bits. The 4-bit quantization
+  constants (`quant_state.absmax`) are not parameters: every rank keeps them whole.
 
 T5 keeps `wo` (the FFN output projection) out of quantization through transformers'
 `_keep_in_fp32_modules` (its activations overflow in low precision); `lm_head` is kept too.

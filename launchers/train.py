@@ -42,4 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dtvg_ds.cli import exit_process
+
+    exit_process(main())

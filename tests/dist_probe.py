@@ -63,4 +63,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from dtvg_ds.cli import exit_process
+
     main()
+    exit_process(0)  # skip the interpreter teardown gloo can abort in (see exit_process)
