@@ -15,7 +15,10 @@ settings can be compared without writing files. Prints one JSON line (rank 0).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -108,21 +111,12 @@ def main() -> None:
     instrument()
     eng = run.engine
     t_fwd, t_bwd, t_step = [], [], []
-    import cProfile
-    import pstats
-
     prof = cProfile.Profile()
     losses = []
-    import contextlib
-
+    hooks_off = contextlib.ExitStack()  # --resident: ZeRO module hooks off from step 1 on
     for step in range(a.steps):
         if a.resident and step == 1:  # after one hooked step: persistent params materialised
-            from dtvg_ds.dist import _zero3_offload
-
-            off = _zero3_offload(eng)
-            for h in off.forward_hooks + off.backward_hooks:
-                h.remove()
-            off.forward_hooks, off.backward_hooks = [], []
+            hooks_off.enter_context(dist.zero_hooks_detached(eng))
         ctx = (dist.gathered(list(run.model.backbone.parameters())) if a.resident and step >= 1
                else contextlib.nullcontext())
         if a.cprofile and step == a.warmup:
@@ -148,6 +142,7 @@ def main() -> None:
             t_bwd.append(t2 - t1)
             t_step.append(t3 - t2)
     prof.disable()
+    hooks_off.close()
     if a.cprofile and dist.is_main():
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     n = a.steps - a.warmup

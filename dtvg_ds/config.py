@@ -311,7 +311,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         probs.append("--mpt_uv_init: choose mean or ones")
     if cfg.mpt_temperature <= 0:
         probs.append("--mpt_temperature must be > 0")
-    from dtvg_ds import quant  # late: quant imports this module
+    from dtvg_ds import quant  # late: quant imports torch; parsing flags should not
 
     probs += quant.validate_flags(cfg)
     return probs

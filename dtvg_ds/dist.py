@@ -225,15 +225,29 @@ def backbone_resident(engine: Any, module: torch.nn.Module, enabled: bool) -> It
     if not enabled or offload is None or not any(is_zero3_param(p) for p in params):
         yield False
         return
-    with gathered(params):
-        # The ZeRO module hooks would release (re-partition) parameters after each sub-module's
-        # forward; detach them while the weights are resident, reattach afterwards.
-        for p in params:
-            p.ds_active_sub_modules.clear()
-        for h in offload.forward_hooks + offload.backward_hooks:
-            h.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield True
-        finally:
-            offload._register_deepspeed_module(offload.module)
+    # The ZeRO module hooks would release (re-partition) parameters after each sub-module's
+    # forward; detach them while the weights are resident, reattach afterwards.
+    with gathered(params), zero_hooks_detached(engine, params):
+        yield True
+
+
+@contextlib.contextmanager
+def zero_hooks_detached(engine: Any, params: Sequence[torch.nn.Parameter] = ()) -> Iterator[None]:
+    """ZeRO-3's per-module fetch/release hooks removed inside the block (reattached after).
+
+    Only safe while the parameters the block touches are gathered or persistent: nothing
+    fetches them. `params` are marked as used by no sub-module, so no release waits on them.
+    """
+    offload = _zero3_offload(engine)
+    if offload is None:
+        yield
+        return
+    for p in params:
+        p.ds_active_sub_modules.clear()
+    for h in offload.forward_hooks + offload.backward_hooks:
+        h.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        offload._register_deepspeed_module(offload.module)

@@ -93,9 +93,9 @@ def checkpoint_unties_lm_head(config: Any) -> bool:
         getattr(config, "tie_word_embeddings", True) is False
 
 
-def param_shapes(config: Any) -> list[tuple[str, int]]:
-    """(name, numel) of every distinct parameter as `from_pretrained` would load it, in
-    registration order, built on the meta device (no weights)."""
+def meta_model(config: Any) -> Any:
+    """The model `from_pretrained` would build for `config`, on the meta device (no weights),
+    with lm_head untied when the checkpoint has its own (see `checkpoint_unties_lm_head`)."""
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
@@ -104,18 +104,23 @@ def param_shapes(config: Any) -> list[tuple[str, int]]:
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         if out is not None and out.weight is inp.weight and checkpoint_unties_lm_head(config):
             out.weight = torch.nn.Parameter(torch.empty_like(out.weight))
+    return model
+
+
+def param_shapes(config: Any, model: Any = None) -> list[tuple[str, int]]:
+    """(name, numel) of every distinct parameter as `from_pretrained` would load it, in
+    registration order (`model` defaults to `meta_model(config)`)."""
+    model = meta_model(config) if model is None else model
     return [(n, p.numel()) for n, p in model.named_parameters()]  # tied weights counted once
 
 
-def quantizable_linears(config: Any) -> dict[str, int]:
+def quantizable_linears(config: Any, model: Any = None) -> dict[str, int]:
     """{weight name: out_features} of the linear layers bitsandbytes would quantize, the way
     transformers decides it: every `nn.Linear` except the model's `_keep_in_fp32_modules` (T5:
-    `wo`) and the output embedding (`lm_head`). Built on the meta device."""
+    `wo`) and the output embedding (`lm_head`). `model` defaults to `meta_model(config)`."""
     import torch
-    from transformers import AutoModelForSeq2SeqLM
 
-    with torch.device("meta"):
-        model = AutoModelForSeq2SeqLM.from_config(config)
+    model = meta_model(config) if model is None else model
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     out_emb = model.get_output_embeddings()
     return {f"{name}.weight": mod.out_features for name, mod in model.named_modules()
@@ -179,7 +184,9 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
         raise PlanError("--world_size must be >= 1")
     r = int(num_virtual_tokens)
     d = int(config.d_model)
-    shapes = param_shapes(config) if shapes is None else shapes
+    meta = meta_model(config) if shapes is None or (quantize != "none" and quantizable is None) \
+        else None
+    shapes = param_shapes(config, meta) if shapes is None else shapes
     zero = _zero(ds_config)
     stage = int(zero.get("stage", 0))
     if zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights"):
@@ -196,7 +203,7 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
     # per tensor: (stored elements, bytes per stored element, whole-on-every-rank constant bytes)
     store_b = {"auto": pbytes, "uint8": 1, "float32": 4, "bfloat16": 2}[quant_storage]
     if quantize != "none" and quantizable is None:
-        quantizable = quantizable_linears(config)
+        quantizable = quantizable_linears(config, meta)
     qmap = quantizable if quantize != "none" else {}
     stored: dict[str, tuple[int, int, int]] = {}
     for name, x in (shapes if shapes is not None else []):

@@ -56,14 +56,16 @@ def model_dtype_name(cfg: Any) -> str:
 
 def compute_dtype_name(cfg: Any) -> str:
     """4-bit: the dtype the dequantized weights are multiplied in ('auto' = model dtype)."""
-    v = cfg.bnb_4bit_compute_dtype
-    return model_dtype_name(cfg) if v == "auto" else v
+    return _or_model_dtype(cfg, cfg.bnb_4bit_compute_dtype)
 
 
 def storage_dtype_name(cfg: Any) -> str:
     """4-bit: the dtype the packed weights are stored in ('auto' = model dtype)."""
-    v = cfg.bnb_4bit_quant_storage
-    return model_dtype_name(cfg) if v == "auto" else v
+    return _or_model_dtype(cfg, cfg.bnb_4bit_quant_storage)
+
+
+def _or_model_dtype(cfg: Any, value: str) -> str:
+    return model_dtype_name(cfg) if value == "auto" else value
 
 
 def validate_flags(cfg: Any) -> list[str]:
