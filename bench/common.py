@@ -26,3 +26,37 @@ def build_standard_t5(out: Path, seed: int = 0) -> Path:
     T5ForConditionalGeneration(cfg).save_pretrained(out)
     build_tokenizer().save_pretrained(out)
     return out
+
+
+def build_xl_t5(out: Path, seed: int = 0) -> Path:
+    """A Flan-T5-XL-shaped T5 (the published config, `plan.PRESETS['google/flan-t5-xl']`: 2.85B
+    parameters) with random weights in bf16 + the demo tokenizer (its ids are a subset of the
+    32128-entry vocabulary), saved in 2 GB safetensors shards (5.4 GB). Reused if complete.
+
+    About a minute and ~6 GB of memory; the folder (default `.cache/xl_backbone`) is git-ignored.
+    Random weights: losses and accuracies mean nothing; memory, time and code paths are real.
+    """
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from dtvg_ds.data.demo import build_tokenizer
+    from dtvg_ds.plan import PRESETS
+
+    if (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    cfg = T5Config(**PRESETS["google/flan-t5-xl"], dropout_rate=0.1, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: 5.3 GiB, not 10.6
+    try:
+        with torch.no_grad():
+            model = T5ForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp, max_shard_size="2GB")
+    build_tokenizer().save_pretrained(tmp)
+    del model
+    tmp.rename(out)  # a crash mid-save never leaves a half-written model that looks complete
+    return out

@@ -116,6 +116,12 @@ class TrainConfig:
     eval_gather_backbone: str = _f(
         "auto", "gather the ZeRO-3 backbone once per evaluation: auto|always|never"
     )
+    trace_memory: bool = _f(False, "write each rank's peak memory per phase (load, forward, "
+                                   "backward, step, evaluation, checkpoint) to "
+                                   "output_dir/memory.rank<R>.jsonl")
+    gradient_checkpointing: bool = _f(False, "recompute each backbone block in backward instead "
+                                             "of keeping its activations (less memory, ~1/3 "
+                                             "more compute)")
     report_to: str = _f("tensorboard", "extra loggers, comma-separated: tensorboard, wandb, or none "
                                        "(JSONL is always on; wandb reads WANDB_PROJECT/WANDB_MODE)")
 

@@ -201,6 +201,25 @@ def gathered(params: Sequence[torch.nn.Parameter], modifier_rank: int | None = N
         yield
 
 
+@contextlib.contextmanager
+def available(p: torch.Tensor) -> Iterator[None]:
+    """`p` gathered inside the block if ZeRO-3 has it released (a no-op otherwise).
+
+    Used in a frozen layer's backward: ZeRO-3's backward hook normally gathers the layer's
+    weight first; if not, this gathers it here and releases it after, as DeepSpeed's own
+    memory-efficient linear does. Every rank runs the same backward, so every rank takes the
+    same branch.
+    """
+    released = is_zero3_param(p) and getattr(p.ds_status, "name", "") == "NOT_AVAILABLE"
+    if released:
+        p.all_gather()  # collective: every rank, this one parameter
+    try:
+        yield
+    finally:
+        if released:
+            p.partition()
+
+
 def full_tensor(p: torch.nn.Parameter) -> torch.Tensor:
     """A CPU fp32 copy of the full value of `p` (gathers under ZeRO-3; all ranks must call)."""
     with gathered([p]):

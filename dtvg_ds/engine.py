@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dtvg_ds import artifacts, checkpoint, dist, quant
+from dtvg_ds import artifacts, checkpoint, dist, memtrace, quant
 from dtvg_ds.config import (
     DEMO_MODEL,
     ConfigError,
@@ -220,6 +220,7 @@ class Run:
     meta: dict[str, Any]
     backbone_checksum: str  # this rank's frozen backbone bytes after set-up (see check_frozen)
     clock: StartupClock | None  # None once the first step has logged it
+    mem: memtrace.MemoryTrace  # per-phase peak memory (--trace_memory), else a no-op
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -245,6 +246,9 @@ def setup(cfg: TrainConfig) -> Run:
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
     check_output_dir(cfg)
+    mem = memtrace.MemoryTrace(
+        Path(cfg.output_dir) / f"memory.rank{dist.rank()}.jsonl" if cfg.trace_memory else None,
+        dist.rank(), dist.device().type, fresh=not cfg.resume)
     seed_everything(cfg.seed)
     model_path = resolve_model_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -269,8 +273,15 @@ def setup(cfg: TrainConfig) -> Run:
     if quant.is_quantized(cfg):
         quant.quiet_known_warnings()
     # A quantized backbone is placed on this rank's device by the loader (never `.to()`-moved).
-    backbone = load_backbone(model_path, dtype, quant.bnb_config(cfg), dist.device())
-    quant.freeze_layout(backbone)
+    with mem.phase("load"):
+        backbone = load_backbone(model_path, dtype, quant.bnb_config(cfg), dist.device())
+        quant.freeze_layout(backbone)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: recomputing a block in backward goes back through the block's module
+        # call (ZeRO-3's hooks gather its weights again) and needs no input that requires grad
+        # other than the prompt-carrying hidden states. The backbone stays frozen.
+        backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     clock.mark("load_backbone")
     trainable, frozen = count_parameters(backbone)
     if trainable:
@@ -290,8 +301,9 @@ def setup(cfg: TrainConfig) -> Run:
         set_prompt_persistence(ds, groups)
     n_prompt = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO partitions them
     schedule = configure_schedule(ds, groups, cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
-                                           lr_scheduler=schedule)
+    with mem.phase("deepspeed_initialize"):
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds,
+                                               lr_scheduler=schedule)
     del keep_alive
     clock.mark("deepspeed_initialize")
     info(f"backbone {model_path}: {frozen:,} frozen parameters (0 trainable); prompt "
@@ -302,7 +314,7 @@ def setup(cfg: TrainConfig) -> Run:
              + ("; LLM.int8 multiplies through fp16 (bitsandbytes' design)" if cfg.load_in_8bit
                 else ""))
     return Run(cfg, ds, task, tokenizer, train, train_tasks, valid, valid_tasks, model, method,
-               engine, stage, model_path, meta, quant.checksum(backbone), clock)
+               engine, stage, model_path, meta, quant.checksum(backbone), clock, mem)
 
 
 def check_frozen(run: Run) -> None:
@@ -348,9 +360,12 @@ def _micro_steps(run: Run, step: int, dev: torch.device) -> float:
                                  cfg.per_device_train_batch_size, dist.rank(), dist.world_size())
         batch = {**batches.collate(run.train, idx, run.tokenizer.pad_token_id),
                  **method.batch_extras(idx, run.train_tasks)}
-        loss = engine(**batches.to_device(batch, dev))  # the method's loss with its prompt of this step
-        engine.backward(loss)
-        engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
+        with run.mem.phase("forward", step=step + 1):
+            loss = engine(**batches.to_device(batch, dev))  # the method's loss, this step's prompt
+        with run.mem.phase("backward", step=step + 1):
+            engine.backward(loss)
+        with run.mem.phase("optimizer_step", step=step + 1):
+            engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary only
         total += float(loss.detach())
     if not math.isfinite(total):
         raise TrainingError(f"step {step + 1}: loss is {total}; lower --learning_rate")
@@ -358,10 +373,11 @@ def _micro_steps(run: Run, step: int, dev: torch.device) -> float:
 
 
 def _save(run: Run, step: int, best: Best) -> None:
-    checkpoint.save(run.engine, run.cfg.output_dir, step,
-                    {"best_score": best.score, "best_step": best.step,
-                     "best_metrics": best.metrics, "method_state": run.method.extra_state()},
-                    best.tensors, run.cfg.save_total_limit)
+    with run.mem.phase("checkpoint_save", step=step):
+        checkpoint.save(run.engine, run.cfg.output_dir, step,
+                        {"best_score": best.score, "best_step": best.step,
+                         "best_metrics": best.metrics, "method_state": run.method.extra_state()},
+                        best.tensors, run.cfg.save_total_limit)
 
 
 def _every(n: int, step: int, last: int) -> bool:
@@ -380,6 +396,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     finally:  # also on preemption and errors: flush TensorBoard, finish the W&B run
         logger.close()
         method_log.close()
+        run.mem.close()
 
 
 def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
@@ -393,7 +410,8 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
     best, step = Best(), 0
     resume_dir = checkpoint.find_resume(cfg.output_dir, cfg.resume)
     if resume_dir is not None:
-        state, best_t = checkpoint.load(engine, resume_dir)
+        with run.mem.phase("resume"):
+            state, best_t = checkpoint.load(engine, resume_dir)
         step = state["step"]
         best = Best(state["best_score"], state["best_step"], state["best_metrics"], best_t)
         method.load_extra_state(state["method_state"])
@@ -423,8 +441,9 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
             bar.set_postfix(loss=f"{loss:.4f}")
             loss_sum, loss_n, t_last = 0.0, 0, now
         if _every(cfg.eval_steps, step, cfg.max_steps):
-            res = evaluate(engine, run.model, run.valid, run.task, run.tokenizer, cfg,
-                           run.zero_stage, run.valid_tasks)
+            with run.mem.phase("evaluation", step=step):
+                res = evaluate(engine, run.model, run.valid, run.task, run.tokenizer, cfg,
+                               run.zero_stage, run.valid_tasks)
             logger.log({"step": step, **{k if k.startswith("eval") else f"eval_{k}": v
                                          for k, v in res.items()}})
             if res["score"] > best.score:  # keep the best prompt (all ranks hold the same)
@@ -457,10 +476,13 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
 
 def configure_threads() -> None:
     """CPU ranks share the machine's cores: without OMP_NUM_THREADS, give each local rank an
-    equal share instead of letting every rank spawn one thread per core (they would fight)."""
+    equal share instead of letting every rank spawn one thread per core (they would fight).
+    Also sets glibc up to return freed memory on CPU ranks (`memtrace.configure_host_allocator`)."""
     from deepspeed.accelerator import get_accelerator
 
-    if "OMP_NUM_THREADS" in os.environ or get_accelerator().device_name() != "cpu":
+    cpu = get_accelerator().device_name() == "cpu"
+    memtrace.configure_host_allocator(cpu)  # before any large allocation (see memtrace)
+    if "OMP_NUM_THREADS" in os.environ or not cpu:
         return
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))

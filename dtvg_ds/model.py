@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtvg_ds import dist
+from dtvg_ds import dist, frozen_linear
 
 # Config keys that describe where/how a checkpoint was saved rather than the network itself.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
@@ -92,6 +92,7 @@ def load_backbone(name_or_path: str, dtype: torch.dtype, quantization: Any = Non
         raise ModelLoadError(f"--model_name_or_path {name_or_path}: could not load ({e}). "
                              "Check the path / Hub id, or run with HF_HUB_OFFLINE=0") from None
     model.requires_grad_(False)
+    frozen_linear.install(model)  # save weights, not gathered views; fp32 matmul on slow CPUs
     return model
 
 
