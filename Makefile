@@ -2,12 +2,18 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-export DS_ACCELERATOR ?= cpu
+# The CPU accelerator unless a GPU answers (then DeepSpeed picks CUDA and NCCL by itself);
+# DS_ACCELERATOR set by the caller always wins.
+ifeq ($(origin DS_ACCELERATOR), undefined)
+  ifeq ($(shell nvidia-smi -L 2>/dev/null | grep -c GPU),0)
+    export DS_ACCELERATOR := cpu
+  endif
+endif
 export PYTHONPATH := $(CURDIR)
 # One JIT-compiled DeepSpeed op cache per checkout (built once, ~60 s, on the first launch).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast demo lint bench bench-xl gpu-check clean
 
 setup:
 	@scripts/setup_env.sh
@@ -31,6 +37,14 @@ bench: setup
 	$(PY) bench/step_time.py
 	$(PY) bench/compare_methods.py
 	$(PY) bench/quant_memory.py
+
+# Flan-T5-XL at its real size (~30 min and ~22 GiB on 2 CPU ranks: run nothing beside it).
+bench-xl: setup
+	$(PY) bench/xl_scale.py
+
+# On a GPU machine: the GPU path in one command (see scripts/gpu_check.sh).
+gpu-check: setup
+	scripts/gpu_check.sh
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -52,6 +52,9 @@ def build_xl_t5(out: Path, seed: int = 0) -> Path:
     try:
         with torch.no_grad():
             model = T5ForConditionalGeneration(cfg)
+            # transformers 5 builds lm_head tied to the shared embedding whatever the config
+            # says; Flan-T5 checkpoints carry their own, so give it one (2.85B, not 2.78B)
+            model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
     finally:
         torch.set_default_dtype(default)
     tmp = out.with_name(out.name + ".partial")

@@ -30,10 +30,21 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
+def _gpus() -> int:
+    """CUDA devices this process sees, unless DS_ACCELERATOR=cpu asks for the CPU."""
+    import torch
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _launch(args: list[str], ranks: int, log: Path) -> None:
     """One real `deepspeed` launch of launchers/train.py; its output goes to `log`."""
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not _gpus():  # on a GPU machine DeepSpeed picks CUDA (NCCL) itself
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", "1")
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", _port(),
            str(ROOT / "launchers" / "train.py"), *args]
@@ -86,7 +97,8 @@ def _group_timeline(groups_jsonl: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="where the demo runs go")
-    ap.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (CPU processes)")
+    ap.add_argument("--ranks", type=int, default=min(_gpus(), 2) or 2,
+                    help="DeepSpeed ranks (GPUs, or CPU processes without one)")
     ap.add_argument("--steps", type=int, default=300, help="stage-1 steps per task")
     ap.add_argument("--dtvg_steps", type=int, default=200, help="stage-2 steps")
     ap.add_argument("--fresh", action="store_true", help="re-run tasks that already have artifacts")

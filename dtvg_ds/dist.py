@@ -96,6 +96,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def local_world_size() -> int:
+    """Ranks on this node (as announced by the launcher; 1 without one)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+
+
 def is_main() -> bool:
     """True on global rank 0, the rank that decides groups and writes shared files."""
     return rank() == 0

@@ -484,5 +484,4 @@ def configure_threads() -> None:
     memtrace.configure_host_allocator(cpu)  # before any large allocation (see memtrace)
     if "OMP_NUM_THREADS" in os.environ or not cpu:
         return
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(dist.local_world_size(), 1)))

@@ -18,19 +18,38 @@ from dtvg_ds.config import TrainConfig
 from dtvg_ds.data import batches, metrics
 from dtvg_ds.data.mixtures import MixtureTask
 from dtvg_ds.data.tasks import Task
+from dtvg_ds.logs import info
 from dtvg_ds.model import PromptedSeq2Seq
 
 
 def _resident_ok(cfg: TrainConfig, model: torch.nn.Module) -> bool:
-    """Decide (on rank 0, broadcast) whether the whole backbone fits gathered for evaluation."""
+    """Whether to gather the whole backbone for this evaluation (the same answer on all ranks).
+
+    `auto` decides from the memory free now: on a GPU, this device's; on the CPU accelerator,
+    the node's RAM, which every local rank fills with its own gathered copy. Resident only if
+    every rank's copy fits in 80 % of what is free (the rest: generation's own tensors and
+    fragmentation). The decision and its figures are logged.
+    """
     if cfg.eval_gather_backbone != "auto":
         return cfg.eval_gather_backbone == "always"
     from deepspeed.accelerator import get_accelerator
 
     need = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
                for p in model.parameters())
-    fits = need < 0.5 * get_accelerator().available_memory(dist.local_rank())
-    return bool(dist.broadcast_object(fits))  # all ranks must take the same path
+    free = get_accelerator().available_memory(dist.local_rank())
+    sharers = dist.local_world_size() if dist.device().type == "cpu" else 1
+    fits = need * sharers <= 0.8 * free
+    ok = not dist.any_rank(not fits)  # collective: resident only if it fits on every rank
+    gib = 1024 ** 3
+    how = "gathering the backbone once (resident)" if ok else \
+        "per-layer gathers with synced generation"
+    info(f"evaluation: {how}"
+         f" - the whole backbone is {need / gib:.2f} GiB per rank"
+         + (f" x {sharers} ranks on this node" if sharers > 1 else "")
+         + f", {free / gib:.2f} GiB free{' on rank 0' if dist.world_size() > 1 else ''}"
+         + ("" if ok else " (needs <= 80 % of it on every rank); "
+            "--eval_gather_backbone always/never overrides"))
+    return ok
 
 
 def metric_name(task: Task | MixtureTask) -> str:

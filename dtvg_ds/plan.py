@@ -21,15 +21,20 @@ What is modelled, per rank, the way `dtvg_ds.engine` sets DeepSpeed up:
   over ranks under ZeRO >= 1 (per parameter group, padded to a multiple of N).
 - gradients: fp32, partitioned under ZeRO >= 2, whole under ZeRO-0/1.
 
-Not modelled: activations (depend on batch size and sequence lengths), the transient all-gather
-working set of ZeRO-3 (bounded by `stage3_max_live_parameters`; reported as a bound), the whole
-backbone gathered for generation when evaluation runs resident, communication buffers, and the
-CUDA context.
+- with a micro batch (`--per_device_train_batch_size`, lengths from `--max_source_length` /
+  `--max_target_length`): the activations autograd saves (counted on the meta device), and
+  the peaks of a training step (+ the live-parameter budget and the prefetch bucket) and of a
+  resident evaluation (+ the whole backbone gathered beside the partition); `--device cpu` adds
+  a CPU rank's own process memory. Within 3 % of the measured peaks at XL size on 2 CPU ranks
+  (bench/RESULTS.md, "XL on this machine").
+
+Not modelled: communication buffers, allocator fragmentation, the CUDA context.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -55,6 +60,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 GIB = 1024 ** 3
 ADAM_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
+# A CPU rank's resident memory beyond the tensors modelled here (Python, torch, DeepSpeed,
+# tokenizer, data): RssAnon after deepspeed.initialize minus the held backbone bytes, measured
+# at XL size on 2 ranks: 3.12-3.14 GiB - 2.60 GiB (bench/RESULTS.md, "XL on this machine").
+CPU_PROCESS_BYTES = int(0.5 * GIB)
 
 
 class PlanError(ValueError):
@@ -128,6 +137,69 @@ def quantizable_linears(config: Any, model: Any = None) -> dict[str, int]:
             and not keep & set(name.split("."))}
 
 
+def activation_bytes(config: Any, batch: int, encoder_len: int, decoder_len: int,
+                     bf16: bool, checkpointing: bool) -> dict[str, int]:
+    """Bytes autograd keeps for backward in one training forward, counted, not estimated.
+
+    The real model of `config` runs forward on the meta device (shapes and dtypes only, no
+    memory, about a second at XL size) in training mode (dropout masks included), with its
+    linear layers routed through `frozen_linear` exactly as in training and an input that
+    requires grad (the prompt's path). Every tensor autograd saves is counted once (frozen
+    parameters are not activations). With `checkpointing` only the block inputs are saved; the
+    recomputation of one block in backward then holds that block's saved tensors again, so
+    `recompute_block_bytes` (the largest block's) is added to the peak.
+    """
+    import torch
+
+    from dtvg_ds import frozen_linear
+
+    cfg = copy.deepcopy(config)
+    for key in ("decoder_start_token_id", "pad_token_id"):  # labels -> decoder inputs
+        if getattr(cfg, key, None) is None:
+            setattr(cfg, key, 0)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model = meta_model(cfg).to(dtype)
+    model.requires_grad_(False)
+    frozen_linear.install(model)
+    model.train()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    blocks = [m for m in model.modules() if type(m).__name__.endswith("Block")]
+    per_block: list[int] = []
+    marks: list[int] = []
+    hooks = [b.register_forward_pre_hook(lambda *_: marks.append(sum(saved.values())))
+             for b in blocks]
+    hooks += [b.register_forward_hook(lambda *_: per_block.append(sum(saved.values())
+                                                                   - marks.pop()))
+              for b in blocks]
+
+    def run(gc: bool) -> int:
+        saved.clear()
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with torch.device("meta"):
+            embeds = torch.empty(batch, encoder_len, int(cfg.d_model), dtype=dtype,
+                                 requires_grad=True)
+            labels = torch.zeros(batch, decoder_len, dtype=torch.long)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(inputs_embeds=embeds, labels=labels)  # no mask: every position attends
+        return sum(saved.values())
+
+    full = run(False)
+    largest_block = max(per_block, default=0)
+    out = {"saved_bytes": full, "recompute_block_bytes": 0, "no_checkpointing_bytes": full}
+    if checkpointing:
+        out.update(saved_bytes=run(True), recompute_block_bytes=largest_block)
+    for h in hooks:
+        h.remove()
+    return out
+
+
 def quantized_storage(numel: int, rows: int, bits: int, storage_bytes: int,
                       double_quant: bool = False, blocksize: int = 64) -> tuple[int, int]:
     """(stored elements of the weight tensor, bytes of its quantization constants) of one
@@ -172,12 +244,25 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
          bf16: bool = False, method: str = "pt", num_sources: int = 6,
          shapes: list[tuple[str, int]] | None = None, quantize: str = "none",
          quant_storage: str = "auto", double_quant: bool = False,
-         quantizable: dict[str, int] | None = None) -> dict[str, Any]:
+         quantizable: dict[str, int] | None = None, batch: int = 0, source_len: int = 256,
+         target_len: int = 16, gradient_checkpointing: bool = False,
+         device: str = "gpu") -> dict[str, Any]:
     """Memory per rank of a job (pure computation; `shapes` defaults to `param_shapes(config)`).
 
     `quantize` 'int8' | '4bit' models a bitsandbytes backbone (`quantizable` defaults to
     `quantizable_linears(config)`): the quantized weights' stored elements and the quantization
     constants, which are not parameters and stay whole on every rank even under ZeRO-3.
+
+    With `batch` > 0 (micro batch per rank; `source_len` input tokens before the prompt,
+    `target_len` target tokens) the activations of a training step are counted
+    (`activation_bytes`) and the peaks of a training step and of a resident evaluation are
+    given: `peak_train_bytes_per_rank` = everything held + the ZeRO-3 live-parameter budget +
+    the prefetch bucket + activations; `peak_eval_resident_bytes_per_rank` = everything held
+    (the partitions stay) + the whole backbone gathered beside it. `device` 'cpu' (DeepSpeed's
+    CPU accelerator, where the peak is the process's resident memory) adds the process itself
+    (`CPU_PROCESS_BYTES`) and, in bf16, the fp32 copy of the largest weight that
+    `frozen_linear` computes with on CPUs without native bf16; on 'gpu' the peak is what the
+    CUDA allocator hands out (max_memory_allocated): the CUDA context (~0.3-0.6 GiB) comes on top.
     """
     n = int(world_size)
     if n < 1:
@@ -255,8 +340,10 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
         max_live = int(zero.get("stage3_max_live_parameters", 1_000_000_000))
         largest = max(x for _, x in shapes)
         gather_bound = min(total, max(max_live, largest))
+        prefetch = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))
         transient = {"zero3_gather_bound_elements": gather_bound,
                      "zero3_gather_bound_bytes": gather_bound * pbytes,
+                     "zero3_prefetch_bytes": min(prefetch, total) * pbytes,
                      "largest_tensor_elements": largest}
     else:
         whole = sum(x for _, x, _ in tensors)
@@ -270,7 +357,7 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
             "persistent_bytes_per_rank": sum(x * sz for _, x, sz in tensors),
         }
         transient = {"zero3_gather_bound_elements": 0, "zero3_gather_bound_bytes": 0,
-                     "largest_tensor_elements": max(x for _, x in shapes)}
+                     "zero3_prefetch_bytes": 0, "largest_tensor_elements": max(x for _, x in shapes)}
     # transformers loads a quantized model outside zero.Init: whole on every rank until
     # deepspeed.initialize partitions it (engine.setup)
     transient["load_whole_bytes"] = (sum(x * sz for _, x, sz in tensors) + consts
@@ -308,17 +395,38 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
         dev += optimizer["bytes_per_rank"]
     else:
         host += optimizer["bytes_per_rank"]
+    if device not in ("gpu", "cpu"):
+        raise PlanError(f"--device {device!r}: choose gpu or cpu")
+    runtime = 0
+    if device == "cpu":
+        runtime = CPU_PROCESS_BYTES + (transient["largest_tensor_elements"] * 4 if use_bf16 else 0)
+    transient["runtime_bytes"] = runtime
+    acts = None
+    if batch > 0:
+        acts = {"batch": int(batch), "encoder_tokens": r + int(source_len),
+                "decoder_tokens": int(target_len), "gradient_checkpointing": gradient_checkpointing,
+                **activation_bytes(config, batch, r + int(source_len), int(target_len), use_bf16,
+                                   gradient_checkpointing)}
+        transient["peak_train_bytes_per_rank"] = (
+            dev + transient["zero3_gather_bound_bytes"] + transient["zero3_prefetch_bytes"]
+            + acts["saved_bytes"] + acts["recompute_block_bytes"] + runtime)
+    whole = sum(x * sz for _, x, sz in tensors) + consts
+    # Gathering keeps each partition and adds the full tensor beside it (measured at XL).
+    transient["peak_eval_resident_bytes_per_rank"] = runtime + dev + (whole if stage == 3 else 0)
     return {
         "world_size": n, "zero_stage": stage, "bf16": use_bf16, "method": method,
+        "device": device,
         "num_virtual_tokens": r, "num_sources": num_sources if method == "dtvg" else 0,
         "d_model": d,
         "backbone": backbone, "prompt": prompt, "optimizer": optimizer, "gradients": grads,
-        "transient": transient,
+        "transient": transient, "activations": acts,
         "accelerator_bytes_per_rank": dev, "host_bytes_per_rank": host,
-        "not_counted": ["activations (batch size x sequence length)",
+        "not_counted": ["activations (give --per_device_train_batch_size)"] * (acts is None) + [
                         "ZeRO-3 all-gather working set (bound in transient)",
-                        "whole backbone gathered for resident generation at evaluation",
-                        "communication buffers, allocator fragmentation, CUDA context"],
+                        "whole backbone gathered for resident generation at evaluation "
+                        "(peak_eval_resident)",
+                        "communication buffers, allocator fragmentation"
+                        + (", the CUDA context (~0.3-0.6 GiB per GPU)" if device == "gpu" else "")],
     }
 
 
@@ -386,7 +494,31 @@ def render(p: dict[str, Any]) -> str:
         lines.append(f"  + at start-up the whole quantized backbone, {_b(tr['load_whole_bytes']).strip()}"
                      ", until deepspeed.initialize partitions it (quantized models load outside "
                      "zero.Init)")
-    lines.append("  not counted: " + "; ".join(p["not_counted"][:1] + p["not_counted"][2:]))
+    if tr.get("runtime_bytes"):
+        lines.append(f"  + CPU rank's process   {'':>15}    {_b(tr['runtime_bytes'])}"
+                     "  (Python/torch/DeepSpeed, measured; + the largest weight in fp32 for "
+                     "CPU bf16 compute)")
+    if tr.get("zero3_prefetch_bytes"):
+        lines.append(f"  + ZeRO-3 prefetch bucket {_b(tr['zero3_prefetch_bytes']).strip()} "
+                     "(stage3_prefetch_bucket_size)")
+    ac = p.get("activations")
+    if ac:
+        gc = ac["gradient_checkpointing"]
+        lines.append(
+            f"  + activations         {'':>15}    {_b(ac['saved_bytes'] + ac['recompute_block_bytes'])}"
+            f"  (micro batch {ac['batch']} x {ac['encoder_tokens']} encoder tokens incl. prompt "
+            f"x {ac['decoder_tokens']} decoder tokens; "
+            + (f"gradient checkpointing: block inputs + one block recomputed; "
+               f"{_b(ac['no_checkpointing_bytes']).strip()} without)" if gc else
+               "no gradient checkpointing)"))
+        lines.append(f"  = peak of a training step            {_b(tr['peak_train_bytes_per_rank'])}"
+                     "  (held + live-parameter budget + prefetch + activations)")
+    if p["zero_stage"] == 3:
+        lines.append(f"  peak of a resident evaluation       {_b(tr['peak_eval_resident_bytes_per_rank'])}"
+                     "  (the whole backbone gathered; --eval_gather_backbone auto checks free "
+                     "memory for it)")
+    lines.append("  not counted: " + "; ".join(x for x in p["not_counted"]
+                                             if not x.startswith(("ZeRO-3 all-gather", "whole"))))
     return "\n".join(lines)
 
 
@@ -405,6 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bnb_4bit_quant_storage", choices=["auto", "uint8", "float32", "bfloat16"],
                     default="auto", help="4bit: storage dtype (auto = the model dtype)")
     ap.add_argument("--bnb_4bit_use_double_quant", action="store_true")
+    ap.add_argument("--per_device_train_batch_size", type=int, default=8,
+                    help="micro batch per rank, for the activations (0 = do not count them)")
+    ap.add_argument("--max_source_length", type=int, default=256,
+                    help="input tokens before the prompt (padded batch length)")
+    ap.add_argument("--max_target_length", type=int, default=16, help="target tokens")
+    ap.add_argument("--gradient_checkpointing", action="store_true")
+    ap.add_argument("--device", choices=["gpu", "cpu"], default="gpu",
+                    help="cpu: DeepSpeed's CPU accelerator (adds the process's own memory)")
     ap.add_argument("--no_presets", action="store_true",
                     help="always read the config (Hub/dir), never a built-in preset")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -414,7 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, preset = load_config(a.model, not a.no_presets)
         out = plan(cfg, a.world_size, ds, a.num_virtual_tokens, a.bf16, a.method, a.num_sources,
                    quantize=a.quantize, quant_storage=a.bnb_4bit_quant_storage,
-                   double_quant=a.bnb_4bit_use_double_quant)
+                   double_quant=a.bnb_4bit_use_double_quant,
+                   batch=a.per_device_train_batch_size, source_len=a.max_source_length,
+                   target_len=a.max_target_length,
+                   gradient_checkpointing=a.gradient_checkpointing, device=a.device)
     except (OSError, json.JSONDecodeError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,7 +45,10 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def ds_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+    # DTVG_TEST_ACCELERATOR=cuda runs the dist tier on GPUs (2 ranks need 2 GPUs: NCCL refuses
+    # two ranks on one device); the default is DeepSpeed's CPU accelerator with gloo.
+    env.update({"DS_ACCELERATOR": os.environ.get("DTVG_TEST_ACCELERATOR", "cpu"),
+                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                 "HF_DATASETS_OFFLINE": "1",
                 # one JIT cache per venv: two venvs sharing ~/.cache would rebuild the

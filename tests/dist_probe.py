@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -20,11 +21,16 @@ from dtvg_ds.data import batches  # noqa: E402
 from dtvg_ds.engine import setup  # noqa: E402
 
 
-def main() -> None:
+def start() -> tuple[str, Any, Any]:
+    """(OUT_JSON, config, set-up run) from this process's argv (the launcher's --local_rank
+    dropped); shared by the probe scripts."""
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    out_json, argv = args[0], args[1:]
-    cfg = parse_config(argv)
-    run = setup(cfg)
+    cfg = parse_config(args[1:])
+    return args[0], cfg, setup(cfg)
+
+
+def main() -> None:
+    out_json, cfg, run = start()
     engine, method = run.engine, run.method
     facts: dict = {"rank": dist.rank(), "world": dist.world_size()}
     bb = list(run.model.backbone.parameters())
