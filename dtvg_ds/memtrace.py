@@ -35,8 +35,6 @@ from typing import Any
 
 import torch
 
-GIB = 1024 ** 3
-
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -101,10 +99,6 @@ def configure_host_allocator(cpu: bool) -> bool:
         return False
     return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         _LIBC.mallopt(_M_TRIM_THRESHOLD, 64 << 20))
-
-
-def _on_gpu() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 class _Sampler:
