@@ -17,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,8 @@ class TrainConfig:
 
     # --- evaluation, logging, checkpoints ---
     eval_steps: int = _f(100, "evaluate by generation every N steps (0 = only at the end)")
+    eval_on_start: bool = _f(False, "also evaluate before the first step (logged as step 0, never "
+                                    "chosen as the best prompt; DTVG: the step-0 merge)")
     save_steps: int = _f(100, "checkpoint every N steps (0 = only at the end)")
     logging_steps: int = _f(10, "log the training loss every N steps")
     save_total_limit: int = _f(2, "keep the last K checkpoints")
@@ -134,6 +137,12 @@ class TrainConfig:
     group_lambda: float = _f(0.0, "DTVG: 0 = released-code rule; >0 = paper's TS + lambda*KC")
     ts_threshold: float = _f(0.0, "DTVG: keep sources with target similarity >= this")
     ablation: str = _f("none", f"DTVG ablation: one of {', '.join(ABLATIONS)}")
+    source_scale_init: float = _f(
+        1.0, "DTVG extension: initial value of every a_s (released code: 1; 1/(n+1) for n sources "
+             "makes the first merge an average of the group and the target)")
+    merge_norm: str = _f(
+        "none", "DTVG extension: none (released rule) or target (rescale P_mix - P_init to the "
+                "norm of a_t * T_t, keeping the merge's direction)")
     fingerprint_every: int = _f(50, "DTVG: check prompt replicas agree across ranks every N steps")
     spot_per_token: bool = _f(False, "SPoT: per-token cosine instead of average-token cosine")
 
@@ -293,6 +302,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         probs.append("--resume and --overwrite_output_dir contradict each other; pass one")
     if cfg.ablation not in ABLATIONS:
         probs.append(f"--ablation {cfg.ablation!r}: choose one of {', '.join(ABLATIONS)}")
+    if cfg.merge_norm not in ("none", "target"):
+        probs.append(f"--merge_norm {cfg.merge_norm!r}: choose none or target")
+    if not (math.isfinite(cfg.source_scale_init) and cfg.source_scale_init > 0):
+        probs.append(f"--source_scale_init must be a finite number > 0 (got {cfg.source_scale_init})")
     if cfg.method in ("dtvg", "spot"):
         if not cfg.source_tpvs:
             probs.append(f"--method {cfg.method} needs --source_tpvs DIR [DIR ...]")

@@ -380,6 +380,16 @@ def _save(run: Run, step: int, best: Best) -> None:
                         best.tensors, run.cfg.save_total_limit)
 
 
+def _evaluate(run: Run, logger: RunLogger, step: int) -> dict[str, Any]:
+    """Score this step's prompt on the validation set (all ranks) and log it."""
+    with run.mem.phase("evaluation", step=step):
+        res = evaluate(run.engine, run.model, run.valid, run.task, run.tokenizer, run.cfg,
+                       run.zero_stage, run.valid_tasks)
+    logger.log({"step": step, **{k if k.startswith("eval") else f"eval_{k}": v
+                                 for k, v in res.items()}})
+    return res
+
+
 def _every(n: int, step: int, last: int) -> bool:
     return bool(n and step % n == 0) or step == last
 
@@ -423,6 +433,8 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
         record = method.on_step_start(step)  # all ranks (DTVG: rank 0 decides, broadcasts)
         if record is not None:
             method_log.log(record)
+        if step == 0 and cfg.eval_on_start:  # after on_step_start: DTVG's step-0 group is set
+            _evaluate(run, logger, step)  # a diagnostic: never competes for the best prompt
         loss_sum += _micro_steps(run, step, dev)
         loss_n += cfg.gradient_accumulation_steps
         step += 1
@@ -441,11 +453,7 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
             bar.set_postfix(loss=f"{loss:.4f}")
             loss_sum, loss_n, t_last = 0.0, 0, now
         if _every(cfg.eval_steps, step, cfg.max_steps):
-            with run.mem.phase("evaluation", step=step):
-                res = evaluate(engine, run.model, run.valid, run.task, run.tokenizer, cfg,
-                               run.zero_stage, run.valid_tasks)
-            logger.log({"step": step, **{k if k.startswith("eval") else f"eval_{k}": v
-                                         for k, v in res.items()}})
+            res = _evaluate(run, logger, step)
             if res["score"] > best.score:  # keep the best prompt (all ranks hold the same)
                 best = Best(res["score"], step, res, _best_tensors(method))
                 export(run, best, step)

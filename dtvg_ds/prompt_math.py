@@ -241,6 +241,9 @@ def select_group(
     return GroupResult(ts=ts, positive=positive, kc=kc, k=k, group=positive[:k])
 
 
+MERGE_NORMS = ("none", "target")
+
+
 def merge(
     p_init: Tensor,
     t_target: Tensor,
@@ -248,6 +251,7 @@ def merge(
     t_sources: Tensor,
     a_sources: Tensor,
     group: Sequence[int],
+    norm: str = "none",
 ) -> Tensor:
     """DTVG merged prompt ``P_mix = P_init + a_t (.) T_t + sum_{s in group} a_s (.) T_s``.
 
@@ -255,7 +259,16 @@ def merge(
     ``a_sources [n, r]``; ``group`` holds distinct source indices (may be empty). Differentiable
     w.r.t. every tensor argument; only the rows of ``a_sources`` in ``group`` take part, so the
     scales of unselected sources receive exactly zero gradient.
+
+    ``norm="target"`` (an extension, not in the released code): rescale the merged vector
+    ``D = P_mix - P_init`` to the Frobenius norm of the scaled target vector,
+    ``P_mix = P_init + D * ||a_t (.) T_t|| / ||D||``. Adding k source vectors of a norm like the
+    target's multiplies ``||D||`` by up to k + 1 and moves the prompt off the region the
+    backbone was tuned for; this keeps the merge's direction and the target's step size.
+    ``"none"`` (default) is the released rule.
     """
+    if norm not in MERGE_NORMS:
+        raise ValueError(f"norm must be one of {MERGE_NORMS}, got {norm!r}")
     _check_dim("p_init", p_init, 2)
     if t_target.shape != p_init.shape:
         raise ValueError(f"t_target {tuple(t_target.shape)} != p_init {tuple(p_init.shape)}")
@@ -276,6 +289,10 @@ def merge(
         p_mix = p_mix + torch.einsum(
             "gr,grd->rd", a_sources.index_select(0, idx), t_sources.index_select(0, idx)
         )
+        if norm == "target":
+            own = scale_rows(a_target, t_target).norm()
+            delta = p_mix - p_init
+            p_mix = p_init + delta * (own / delta.norm().clamp(min=_COS_EPS))
     return p_mix
 
 

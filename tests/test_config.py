@@ -50,6 +50,17 @@ def test_validation_collects_all_problems():
     assert len(e.value.problems) >= 6
 
 
+def test_dtvg_extension_flags_are_validated():
+    with pytest.raises(ConfigError) as e:
+        parse_config(BASE + ["--merge_norm", "sources", "--source_scale_init", "0"])
+    msg = str(e.value)
+    assert "--merge_norm 'sources': choose none or target" in msg
+    assert "--source_scale_init must be a finite number > 0 (got 0.0)" in msg
+    cfg = parse_config(BASE + ["--merge_norm", "target", "--source_scale_init", "0.25",
+                               "--eval_on_start"])
+    assert (cfg.merge_norm, cfg.source_scale_init, cfg.eval_on_start) == ("target", 0.25, True)
+
+
 def test_unknown_flag_is_a_config_error():
     with pytest.raises(ConfigError, match="unrecognized arguments: --lr"):
         parse_config(BASE + ["--lr", "0.1"])

@@ -59,7 +59,7 @@ def _dtvg_args(model, out, paths, **kw):
 @pytest.fixture(scope="module")
 def dtvg_run(tiny_model, tpvs, tmp_path_factory):
     out = tmp_path_factory.mktemp("dtvg") / "run"
-    launch(TRAIN, _dtvg_args(tiny_model, out, tpvs[0]))
+    launch(TRAIN, _dtvg_args(tiny_model, out, tpvs[0], eval_on_start=True))
     return out
 
 
@@ -79,6 +79,17 @@ def test_dtvg_zero3_two_ranks_known_group(dtvg_run, tpvs):
     for name in ("src_a", "src_b", "src_c"):
         want = float((t.mean(0) * vectors[name].mean(0)).mean())
         assert recs[0]["ts"][name] == pytest.approx(want, rel=1e-4)
+    # the diagnostics each record carries: at step 0 every scale is 1, so ||P_mix - P_init||
+    # is the norm of T_t + T_a + T_b
+    mix0 = vectors["target_t"] + vectors["src_a"] + vectors["src_b"]
+    assert recs[0]["norm_mix"] == pytest.approx(float(mix0.norm()), rel=1e-4)
+    assert recs[0]["norm_target"] == pytest.approx(float(t.norm()), rel=1e-4)
+    assert recs[0]["scale_target_mean"] == recs[0]["scale_group_mean"] == 1.0
+    assert set(recs[0]["scale_sources_mean"]) == {"src_a", "src_b", "src_c", "src_d"}
+    # --eval_on_start: the step-0 merge is scored and logged, but never exported as the best
+    evals = [m for m in read_jsonl(out / "metrics.jsonl") if "eval_score" in m]
+    assert [m["step"] for m in evals] == [0, 4]
+    assert load_artifact(out).meta["best_metric"]["step"] == 4
     traces = [read_jsonl(out / "group_trace" / f"rank{k}.jsonl") for k in range(2)]
     assert traces[0] == traces[1] and len(traces[0]) == 4  # every rank applied the same group
     art = load_artifact(out)

@@ -86,3 +86,34 @@ def test_extra_state_round_trip(tpvs, tmp_path):
     m2 = build(tpvs[0], tmp_path, ablation="fixed_group")
     m2.load_extra_state(m.extra_state())
     assert m2.group == m.group and m2.on_step_start(5) is None
+
+
+def test_source_scale_init_extension(tpvs, tmp_path):
+    m = build(tpvs[0], tmp_path, source_scale_init=0.2)
+    assert torch.equal(m.scale_sources, torch.full_like(m.scale_sources, 0.2))
+    assert torch.equal(m.scale_target, torch.ones_like(m.scale_target))  # a_t keeps init 1
+    assert m.artifact_meta()["source_scale_init"] == 0.2
+    assert torch.equal(build(tpvs[0], tmp_path).scale_sources, torch.ones_like(m.scale_sources))
+
+
+def test_norm_matched_merge_extension(tpvs, tmp_path):
+    plain, normed = build(tpvs[0], tmp_path), build(tpvs[0], tmp_path, merge_norm="target")
+    r = normed.on_step_start(0)
+    plain.on_step_start(0)
+    t_t = normed.prompt.detach() - normed.p_init
+    d_norm, d_plain = normed().detach() - normed.p_init, plain().detach() - plain.p_init
+    assert float(d_norm.norm()) == pytest.approx(float(t_t.norm()), rel=1e-5)
+    assert float(d_plain.norm()) > 1.2 * float(t_t.norm())  # the released merge grows the step
+    cos = torch.nn.functional.cosine_similarity(d_norm.flatten(), d_plain.flatten(), dim=0)
+    assert float(cos) == pytest.approx(1.0, abs=1e-5)  # same direction
+    assert r["norm_mix"] == pytest.approx(float(t_t.norm()), rel=1e-5)
+
+
+def test_frozen_tensors_move_to_the_device_once(tpvs, tmp_path):
+    m = build(tpvs[0], tmp_path)
+    m.on_step_start(0)
+    m()
+    first = m._resident["source_vectors"]
+    m()
+    assert m._resident["source_vectors"] is first  # kept, not copied again per micro step
+    assert m.resident("p_init", m.prompt.device) is m._resident["p_init"]

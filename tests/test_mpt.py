@@ -66,7 +66,9 @@ def _teachers(model_dir, root, names=("senti_a", "has_color"), noise=0.3):
     return out
 
 
-def test_distillation_loss_in_one_process(tiny_model, tmp_path):
+def _source(model_dir, root, **backbone_kw):
+    """An MPTSource over two saved teachers on the tiny backbone (`backbone_kw` overrides its
+    config, e.g. dropout_rate), wrapped like training does, plus one micro batch and task ids."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from dtvg_ds.config import parse_config
@@ -75,18 +77,25 @@ def test_distillation_loss_in_one_process(tiny_model, tmp_path):
     from dtvg_ds.methods.mpt import MPTSource
     from dtvg_ds.model import PromptedSeq2Seq
 
-    paths = _teachers(tiny_model, tmp_path)
+    paths = _teachers(model_dir, root)
     teachers = [load_artifact(p) for p in paths]
     cfg = parse_config(["--method", "mpt_source", "--task", "senti_a+has_color", "--output_dir",
                         "o", "--source_tpvs", *map(str, paths)])
     m = MPTSource(teachers[0].init, teachers, cfg)
-    bb = AutoModelForSeq2SeqLM.from_pretrained(tiny_model)
+    bb = AutoModelForSeq2SeqLM.from_pretrained(model_dir, **backbone_kw)
     bb.requires_grad_(False)
     model = PromptedSeq2Seq(m, bb)
-    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     enc = batches.encode(get_task("senti_a").load("train", limit=4), tok, 64, 8)
     b = batches.collate(enc, [0, 1, 2, 3], tok.pad_token_id)
-    ids = torch.tensor([0, 1, 0, 1])
+    return m, model, b, torch.tensor([0, 1, 0, 1]), teachers, cfg
+
+
+def test_distillation_loss_in_one_process(tiny_model, tmp_path):
+    from dtvg_ds.methods.mpt import MPTSource
+    from dtvg_ds.model import PromptedSeq2Seq
+
+    m, model, b, ids, teachers, cfg = _source(tiny_model, tmp_path)
     loss = model(**b, task_ids=ids)
     parts = m.loss_parts()
     assert loss.item() == pytest.approx(parts["loss_plm"] + parts["loss_logits"]
@@ -94,15 +103,95 @@ def test_distillation_loss_in_one_process(tiny_model, tmp_path):
     assert parts["loss_logits"] > 0 and parts["loss_hidden"] > 0
     loss.backward()
     assert m.shared.grad.abs().sum() > 0 and m.u.grad.abs().sum() > 0 and m.v.grad.abs().sum() > 0
-    # student == teacher for every task: both distillation terms vanish
+    # student == teacher for every task: both distillation terms vanish (a fresh method: the
+    # teacher prompts are frozen, their device copy is kept from the first use)
+    same = MPTSource(teachers[0].prompt, [teachers[0], teachers[0]], cfg)
     with torch.no_grad():
-        m.shared.copy_(teachers[0].prompt)
-        m.u.fill_(1.0)
-        m.v.fill_(1.0)
-    m.teachers = torch.stack([teachers[0].prompt, teachers[0].prompt])
+        same.u.fill_(1.0)
+        same.v.fill_(1.0)
+    PromptedSeq2Seq(same, model.backbone)(**b, task_ids=ids)
+    assert same.loss_parts()["loss_logits"] == pytest.approx(0, abs=1e-6)
+    assert same.loss_parts()["loss_hidden"] == pytest.approx(0, abs=1e-9)
+
+
+def _flags(module):
+    return {n: sub.training for n, sub in module.named_modules()}
+
+
+def _record_runs(model):
+    """Wrap `model.run` (instance attribute): each call's output and the backbone's flags."""
+    runs, run = [], model.run
+
+    def recording(*a, **kw):
+        flags = _flags(model.backbone)
+        out = run(*a, **kw)
+        runs.append((out, flags))
+        return out
+
+    model.run = recording
+    return runs
+
+
+def test_teacher_pass_has_no_dropout_student_keeps_it(tiny_model, tmp_path):
+    m, model, b, ids, _, _ = _source(tiny_model, tmp_path, dropout_rate=0.5)
+    model.train()
+    teachers, teacher_outputs = [], m.teacher_outputs
+
+    def capture(*a, **kw):
+        out = teacher_outputs(*a, **kw)
+        teachers.append(out)
+        return out
+
+    m.teacher_outputs = capture
+    runs = _record_runs(model)
+    students = []
+    for seed in (0, 1):  # different RNG states: different dropout masks
+        torch.manual_seed(seed)
+        model(**b, task_ids=ids)
+        students.append(runs[-2][0])  # each compute_loss: the student run, then the teacher's
+    assert len(teachers) == 2 and len(runs) == 4
+    assert teachers[0] is runs[1][0] and teachers[1] is runs[3][0]
+    # the student keeps the configured dropout ...
+    assert not torch.allclose(students[0].logits, students[1].logits)
+    assert all(runs[0][1].values()) and all(runs[2][1].values())
+    # ... the teacher runs without it: the same outputs under any RNG state
+    torch.testing.assert_close(teachers[0].logits, teachers[1].logits, rtol=0, atol=0)
+    torch.testing.assert_close(teachers[0].decoder_hidden_states[-1],
+                               teachers[1].decoder_hidden_states[-1], rtol=0, atol=0)
+    assert not any(runs[1][1].values()) and not any(runs[3][1].values())
+    # ... equal to a plain forward of the teacher prompts with the backbone in eval mode
+    model.backbone.eval()
+    with torch.no_grad():
+        embeds, mask = model.embed(m.teachers[ids], b["input_ids"], b["attention_mask"])
+        ref = model.backbone(inputs_embeds=embeds, attention_mask=mask, labels=b["labels"])
+    torch.testing.assert_close(teachers[0].logits, ref.logits)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "mixed"])
+def test_compute_loss_restores_every_training_flag(tiny_model, tmp_path, mode):
+    _, model, b, ids, _, _ = _source(tiny_model, tmp_path, dropout_rate=0.5)
+    model.train(mode != "eval")
+    if mode == "mixed":  # per-module flags, not one global mode
+        model.backbone.decoder.eval()
+        model.backbone.encoder.block[0].layer[0].dropout.eval()
+    before = _flags(model)
+    assert len(set(before.values())) == (2 if mode == "mixed" else 1)
     model(**b, task_ids=ids)
-    assert m.loss_parts()["loss_logits"] == pytest.approx(0, abs=1e-6)
-    assert m.loss_parts()["loss_hidden"] == pytest.approx(0, abs=1e-9)
+    assert _flags(model) == before
+    # also when the teacher pass (the second run of a compute_loss) raises
+    run, calls = model.run, []
+
+    def failing_teacher(*a, **kw):
+        calls.append(_flags(model.backbone))
+        if len(calls) == 2:
+            assert not any(calls[1].values())  # the teacher pass was in eval mode
+            raise RuntimeError("teacher pass failed")
+        return run(*a, **kw)
+
+    model.run = failing_teacher
+    with pytest.raises(RuntimeError, match="teacher pass failed"):
+        model(**b, task_ids=ids)
+    assert _flags(model) == before
 
 
 @pytest.mark.dist

@@ -429,6 +429,23 @@ def test_merge_gradients_reach_only_selected_sources():
     close(t_target.grad, [[2.0, 2.0], [-1.0, -1.0]])  # a_t broadcast over d
 
 
+def test_norm_matched_merge_hand_values_and_gradcheck():
+    p_init, t_target, a_target, t_sources, a_sources = merge_inputs()
+    # D = P_mix - P_init = [[5, 4.5], [-7, 0]] (test_merge_values); ||a_t T_t|| = ||[[2, 4],
+    # [-3, -4]]|| = sqrt(45); so P_mix = P_init + D * sqrt(45) / ||D||, ||D|| = sqrt(94.25)
+    want = p_init + torch.tensor([[5.0, 4.5], [-7.0, 0.0]]) * math.sqrt(45 / 94.25)
+    close(merge(p_init, t_target, a_target, t_sources, a_sources, [2, 0], norm="target"), want)
+    # no group: D is a_t T_t itself, so the rescale is the identity
+    close(merge(p_init, t_target, a_target, t_sources, a_sources, [], norm="target"),
+          merge(p_init, t_target, a_target, t_sources, a_sources, []))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        merge(p_init, t_target, a_target, t_sources, a_sources, [0], norm="source")
+    p64, tt, at, ts, as_ = merge_inputs(F64)
+    assert torch.autograd.gradcheck(
+        lambda x, y, z: merge(p64, x, y, ts, z, [2, 0], norm="target"),
+        (tt.clone().requires_grad_(), at.clone().requires_grad_(), as_.clone().requires_grad_()))
+
+
 # ----------------------------------------------------------------------------- SPoT
 
 

@@ -28,6 +28,18 @@ class PromptMethod(nn.Module, abc.ABC):
     def __init__(self, p_init: torch.Tensor):
         super().__init__()
         self.p_init = p_init.detach().float().clone()
+        self._resident: dict[str, torch.Tensor] = {}
+
+    def resident(self, name: str, device: torch.device) -> torch.Tensor:
+        """The frozen tensor attribute `name` (P_init, source vectors, teacher prompts) on
+        `device`: copied there on first use and kept, not moved again at every micro step.
+
+        The CPU original stays the source of truth (exports, grouping on rank 0); frozen
+        tensors never change, so the device copy never goes stale."""
+        t = self._resident.get(name)
+        if t is None or t.device != torch.device(device):
+            t = self._resident[name] = getattr(self, name).to(device)
+        return t
 
     @abc.abstractmethod
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -35,7 +35,8 @@ class DTVG(PromptMethod):
         n = len(inputs.sources)
         self.prompt = nn.Parameter(inputs.target.prompt.clone().float())
         self.scale_target = nn.Parameter(torch.ones(r))
-        self.scale_sources = nn.Parameter(torch.ones(n, r))
+        # Released code: every a_s starts at 1. --source_scale_init is an extension.
+        self.scale_sources = nn.Parameter(torch.full((n, r), float(cfg.source_scale_init)))
         # Frozen source vectors: a plain tensor, not a parameter or buffer, so ZeRO never
         # partitions it and a bf16 cast of the module never rounds it.
         self.source_vectors = torch.stack([s.task_vector.float() for s in inputs.sources])
@@ -43,6 +44,7 @@ class DTVG(PromptMethod):
         self.ablation = cfg.ablation
         self.threshold, self.group_lambda = cfg.ts_threshold, cfg.group_lambda
         self.regroup_every = cfg.regroup_every
+        self.merge_norm, self.source_scale_init = cfg.merge_norm, cfg.source_scale_init
         self.group: list[int] = list(range(n)) if cfg.ablation == "all_sources" else []
         self.fixed = False
         self.have_group = cfg.ablation in ("target_only", "all_sources")
@@ -52,10 +54,10 @@ class DTVG(PromptMethod):
     # -- the prompt of a step ------------------------------------------------------------------
     def forward(self) -> torch.Tensor:
         dev = self.prompt.device
-        p_init = self.p_init.to(dev)
+        p_init = self.resident("p_init", dev)
         return prompt_math.merge(p_init, self.prompt.float() - p_init, self.scale_target.float(),
-                                 self.source_vectors.to(dev), self.scale_sources.float(),
-                                 self.group)
+                                 self.resident("source_vectors", dev), self.scale_sources.float(),
+                                 self.group, self.merge_norm)
 
     def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
         # Three learning rates as in the published code; no weight decay in stage 2.
@@ -80,14 +82,30 @@ class DTVG(PromptMethod):
             u_t = (a_t @ (self.prompt.float().cpu() - self.p_init) / r)[None]
             u_s = (torch.einsum("nr,nrd->nd", a_s, self.source_vectors) / r)[:, None]
             res = prompt_math.select_group(u_t, u_s, self.threshold, self.group_lambda)
-        names = self.source_names
-        group = {"none": res.group, "fixed_group": res.group, "no_kc": res.positive,
-                 "target_only": [], "all_sources": list(range(len(names)))}[self.ablation]
+            names = self.source_names
+            group = {"none": res.group, "fixed_group": res.group, "no_kc": res.positive,
+                     "target_only": [], "all_sources": list(range(len(names)))}[self.ablation]
+            diag = self._diagnostics(group)
         return {"ts": {names[i]: float(v) for i, v in enumerate(res.ts)},
                 "positive": [names[i] for i in res.positive], "kc": [float(x) for x in res.kc],
                 "k": len(group), "group": [names[i] for i in group], "group_idx": group,
                 "ts_threshold": self.threshold, "group_lambda": self.group_lambda,
-                "ablation": self.ablation}
+                "ablation": self.ablation, **diag}
+
+    def _diagnostics(self, group: list[int]) -> dict[str, Any]:
+        """What explains a run afterwards: how far the merge moves the prompt from P_init
+        against the target's own vector, and where the scales are (rank 0, no_grad)."""
+        t_t = self.prompt.detach().float().cpu() - self.p_init
+        a_t, a_s = self.scale_target.detach().float().cpu(), self.scale_sources.detach().float().cpu()
+        mix = prompt_math.merge(self.p_init, t_t, a_t, self.source_vectors, a_s, group,
+                                self.merge_norm) - self.p_init
+        sel = a_s[group] if group else a_s[:0]
+        return {"norm_target": float(t_t.norm()), "norm_scaled_target": float((a_t[:, None] * t_t).norm()),
+                "norm_mix": float(mix.norm()),
+                "scale_target_mean": float(a_t.mean()), "scale_target_min": float(a_t.min()),
+                "scale_target_max": float(a_t.max()),
+                "scale_sources_mean": {n: float(a_s[i].mean()) for i, n in enumerate(self.source_names)},
+                "scale_group_mean": float(sel.mean()) if group else None}
 
     def on_step_start(self, step: int) -> dict[str, Any] | None:
         if self.fixed or (self.have_group and step % self.regroup_every != 0):
@@ -112,7 +130,8 @@ class DTVG(PromptMethod):
     def artifact_meta(self) -> dict[str, Any]:
         return {"sources": self.source_names, "group": [self.source_names[i] for i in self.group],
                 "ablation": self.ablation, "ts_threshold": self.threshold,
-                "group_lambda": self.group_lambda, "regroup_every": self.regroup_every}
+                "group_lambda": self.group_lambda, "regroup_every": self.regroup_every,
+                "merge_norm": self.merge_norm, "source_scale_init": self.source_scale_init}
 
     def extra_state(self) -> dict[str, Any]:
         return {"group": self.group, "fixed": self.fixed, "have_group": self.have_group}

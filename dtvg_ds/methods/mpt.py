@@ -18,6 +18,8 @@ source factors (or ones, `--mpt_uv_init`), training P*, u and v with L_PLM.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,6 +36,20 @@ def _factors(k: int, r: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     """u, v near 1 with small seeded noise (as PEFT does), so the tasks' students differ."""
     g = torch.Generator().manual_seed(seed)
     return 1 + 0.02 * torch.randn(k, r, generator=g), 1 + 0.02 * torch.randn(k, d, generator=g)
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """`module` and all its submodules in eval mode (no dropout) for the block; afterwards every
+    submodule gets back its own `training` flag, also if the block raises. Only flags change,
+    never parameters: fine under ZeRO-3."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
 
 
 class MPTSource(PromptMethod):
@@ -84,10 +100,8 @@ class MPTSource(PromptMethod):
         if self.lam == 0:
             self._parts = {"loss_plm": float(student.loss.detach())}
             return student.loss
-        with torch.no_grad():  # the teacher: same backbone, teacher prompt, no graph
-            teacher_prompt = self.teachers.to(input_ids.device)[task_ids]
-            teacher = model.run(teacher_prompt, input_ids, attention_mask, labels,
-                                output_hidden_states=want_hidden)
+        teacher = self.teacher_outputs(model, task_ids, input_ids, attention_mask, labels,
+                                       want_hidden)
         tok_mask = labels != -100
         l_logits = prompt_math.distill_logits_loss(student.logits, teacher.logits,
                                                    self.temperature, tok_mask)
@@ -102,6 +116,19 @@ class MPTSource(PromptMethod):
                        "loss_logits": float(l_logits.detach()),
                        "loss_hidden": float(l_hidden.detach())}
         return student.loss + self.lam * (l_logits + l_hidden)
+
+    def teacher_outputs(self, model: nn.Module, task_ids: torch.Tensor | None,
+                        input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        labels: torch.Tensor, want_hidden: bool) -> Any:
+        """The teacher pass: the same frozen backbone with the tasks' teacher prompts, no graph.
+
+        Run without dropout (backbone in eval mode for this pass only; the student keeps the
+        configured dropout): the teacher is a fixed target, and dropout noise in its logits and
+        hidden states would make the KL / MSE terms chase noise."""
+        teacher_prompt = self.resident("teachers", input_ids.device)[task_ids]
+        with torch.no_grad(), _eval_mode(model.backbone):
+            return model.run(teacher_prompt, input_ids, attention_mask, labels,
+                             output_hidden_states=want_hidden)
 
     def loss_parts(self) -> dict[str, float]:
         return dict(self._parts)
