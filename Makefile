@@ -13,7 +13,7 @@ export PYTHONPATH := $(CURDIR)
 # One JIT-compiled DeepSpeed op cache per checkout (built once, ~60 s, on the first launch).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup test test-fast demo lint bench bench-xl gpu-check clean
+.PHONY: setup test test-fast demo lint bench bench-xl bench-transfer gpu-check clean
 
 setup:
 	@scripts/setup_env.sh
@@ -39,6 +39,10 @@ bench: setup
 	$(PY) bench/quant_memory.py
 
 # Flan-T5-XL at its real size (~30 min and ~22 GiB on 2 CPU ranks: run nothing beside it).
+# Few-shot transfer: PT, SPoT, MPT, DTVG, ablations, lr_2 sweep, extensions (~2 h on 2 cores).
+bench-transfer: setup
+	$(PY) bench/transfer.py
+
 bench-xl: setup
 	$(PY) bench/xl_scale.py
 

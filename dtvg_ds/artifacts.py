@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,9 @@ class PromptArtifact:
         return str(self.meta["task"])
 
 
+IN_PROGRESS, COMPLETE = "in_progress", "complete"  # tpv.json `status` of a training run's artifact
+
+
 def save_artifact(out_dir: str | Path, prompt: torch.Tensor, init: torch.Tensor,
                   meta: dict[str, Any], extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a prompt artifact (call on rank 0 only, with full tensors). Returns the dir."""
@@ -133,8 +137,12 @@ def save_artifact(out_dir: str | Path, prompt: torch.Tensor, init: torch.Tensor,
     return out
 
 
-def load_artifact(path: str | Path) -> PromptArtifact:
-    """Read and validate an artifact dir (or its tpv.json). Never unpickles."""
+def load_artifact(path: str | Path, allow_in_progress: bool = False) -> PromptArtifact:
+    """Read and validate an artifact dir (or its tpv.json). Never unpickles.
+
+    A run rewrites its artifact at every new best, with `status: in_progress` until the run
+    ends; such an artifact is refused unless `allow_in_progress` (then a warning says so).
+    Artifacts without a status (written before it existed) count as complete."""
     from safetensors.torch import load
 
     p = Path(path)
@@ -163,6 +171,14 @@ def load_artifact(path: str | Path) -> PromptArtifact:
         raise ArtifactError(f"{tens_f}: unreadable safetensors ({e}); the file is corrupt") from None
     art = PromptArtifact(tensors=tensors, meta=meta, path=p)
     _check(art, meta_f, tens_f)
+    if meta.get("status") == IN_PROGRESS:
+        what = (f"{p}: the artifact of a run that has not finished (best so far, written at step "
+                f"{meta.get('steps')})")
+        if not allow_in_progress:
+            raise ArtifactError(f"{what}; let that run finish (--resume auto), or pass "
+                                "--allow_in_progress_artifacts to use it anyway")
+        print(f"WARNING: {what}; used because --allow_in_progress_artifacts was given",
+              file=sys.stderr, flush=True)
     return art
 
 

@@ -144,6 +144,9 @@ class TrainConfig:
         "none", "DTVG extension: none (released rule) or target (rescale P_mix - P_init to the "
                 "norm of a_t * T_t, keeping the merge's direction)")
     fingerprint_every: int = _f(50, "DTVG: check prompt replicas agree across ranks every N steps")
+    allow_in_progress_artifacts: bool = _f(
+        False, "stage 2 / MPT: accept --target_tpv/--source_tpvs/--mpt_source artifacts of runs "
+               "that have not finished (their best so far), with a warning")
     spot_per_token: bool = _f(False, "SPoT: per-token cosine instead of average-token cosine")
 
     # --- MPT ---

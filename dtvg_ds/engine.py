@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dtvg_ds import artifacts, checkpoint, dist, memtrace, quant
+from dtvg_ds import artifacts, checkpoint, dist, memtrace, quant, rundir
 from dtvg_ds.config import (
     DEMO_MODEL,
     ConfigError,
@@ -221,6 +221,8 @@ class Run:
     backbone_checksum: str  # this rank's frozen backbone bytes after set-up (see check_frozen)
     clock: StartupClock | None  # None once the first step has logged it
     mem: memtrace.MemoryTrace  # per-phase peak memory (--trace_memory), else a no-op
+    run_id: str  # this run's identity (run.json), recorded in every checkpoint
+    replaced: Path | None  # where a replaced previous run waits until our first step
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -246,6 +248,10 @@ def setup(cfg: TrainConfig) -> Run:
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
     check_output_dir(cfg)
+    run_id, replaced = rundir.prepare(cfg)  # run identity; an overwritten run moved aside
+    if replaced is not None:
+        info(f"the previous run in {cfg.output_dir} was moved to {replaced}; it is deleted once "
+             "this run has taken its first step")
     mem = memtrace.MemoryTrace(
         Path(cfg.output_dir) / f"memory.rank{dist.rank()}.jsonl" if cfg.trace_memory else None,
         dist.rank(), dist.device().type, fresh=not cfg.resume)
@@ -314,7 +320,8 @@ def setup(cfg: TrainConfig) -> Run:
              + ("; LLM.int8 multiplies through fp16 (bitsandbytes' design)" if cfg.load_in_8bit
                 else ""))
     return Run(cfg, ds, task, tokenizer, train, train_tasks, valid, valid_tasks, model, method,
-               engine, stage, model_path, meta, quant.checksum(backbone), clock, mem)
+               engine, stage, model_path, meta, quant.checksum(backbone), clock, mem, run_id,
+               replaced)
 
 
 def check_frozen(run: Run) -> None:
@@ -338,12 +345,14 @@ def _best_tensors(method: PromptMethod) -> dict[str, torch.Tensor]:
     return {"prompt": method.export_prompt(), **method.extra_tensors()}
 
 
-def export(run: Run, best: Best, steps: int) -> Path:
-    """Write the best prompt as the run's prompt artifact (rank 0, atomically)."""
+def export(run: Run, best: Best, steps: int, final: bool = False) -> Path:
+    """Write the best prompt as the run's prompt artifact (rank 0, atomically). Until the run
+    ends (`final`) it is marked in progress, so no later stage takes it for a finished one."""
     out = Path(run.cfg.output_dir)
     if dist.is_main():
         extra = {k: v for k, v in best.tensors.items() if k != "prompt"}
         meta = {**run.meta, "method": run.method.name, "steps": steps,
+                "status": artifacts.COMPLETE if final else artifacts.IN_PROGRESS,
                 "best_metric": artifacts.best_metric(metric_name(run.task), best.score, best.step),
                 "extra": {"metrics": best.metrics, **run.method.artifact_meta()}}
         artifacts.save_artifact(out, best.tensors["prompt"], run.method.p_init, meta, extra)
@@ -376,7 +385,8 @@ def _save(run: Run, step: int, best: Best) -> None:
     with run.mem.phase("checkpoint_save", step=step):
         checkpoint.save(run.engine, run.cfg.output_dir, step,
                         {"best_score": best.score, "best_step": best.step,
-                         "best_metrics": best.metrics, "method_state": run.method.extra_state()},
+                         "best_metrics": best.metrics, "method_state": run.method.extra_state(),
+                         "run_id": run.run_id, "config": run.cfg.to_dict()},
                         best.tensors, run.cfg.save_total_limit)
 
 
@@ -441,6 +451,7 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
         if run.clock is not None:  # the first step of this launch: how long start-up took
             timing, run.clock = run.clock.record(), None
             logger.log({"step": step, **timing})
+            rundir.finish_replacing(run.replaced)  # the new run has started: drop the old one
         bar.update(1)
         if cfg.fingerprint_every and _every(cfg.fingerprint_every, step, cfg.max_steps):
             check_replicas(method, step)
@@ -474,7 +485,7 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
     check_frozen(run)
     if not best.tensors:  # resumed at max_steps, or eval never ran: export the current prompt
         best = Best(best.score, step, best.metrics, _best_tensors(method))
-    out = export(run, best, step)
+    out = export(run, best, step, final=True)
     summary = {"output_dir": str(out), "best_score": best.score, "best_step": best.step,
                "metric": metric_name(run.task), "best_metrics": best.metrics, "steps": step}
     info(f"done: {cfg.task} best {metric_name(run.task)} {best.score:.2f} at step {best.step}; "

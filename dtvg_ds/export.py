@@ -189,7 +189,7 @@ def peft_config(num_tokens: int, d_model: int, base_model: str,
 
 def export_peft(artifact_dir: str | Path, out_dir: str | Path, model_name_or_path: str | None = None,
                 mpt_task: str | None = None, overwrite: bool = False,
-                cache_dir: str = ".cache") -> Path:
+                cache_dir: str = ".cache", allow_in_progress: bool = False) -> Path:
     """Write the artifact's prompt as a PEFT prompt-tuning adapter dir; returns it.
 
     With `model_name_or_path` the backbone's config is checked against the artifact's
@@ -201,7 +201,7 @@ def export_peft(artifact_dir: str | Path, out_dir: str | Path, model_name_or_pat
 
     out = Path(out_dir)
     _check_output_dir(out, overwrite, "adapter")
-    art = load_artifact(artifact_dir)
+    art = load_artifact(artifact_dir, allow_in_progress)
     prompt = artifact_prompt(art, mpt_task).contiguous()
     from dtvg_ds.config import DEMO_MODEL
 
@@ -290,7 +290,7 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_name_or_path
                 task: str | None = None, init_from: str | Path | None = None,
                 prompt_init: str = "vocab", prompt_init_seed: int = 0,
                 prompt_init_vocab_range: int = 5000, overwrite: bool = False,
-                cache_dir: str = ".cache") -> Path:
+                cache_dir: str = ".cache", allow_in_progress: bool = False) -> Path:
     """Write a PEFT prompt-tuning adapter as a stage-1 prompt artifact; returns its dir.
 
     The backbone (`model_name_or_path`, default the adapter's `base_model_name_or_path`) gives
@@ -313,7 +313,7 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_name_or_path
                           f"{model_ref!r}; pass the backbone the adapter was trained on")
     fp = backbone_fingerprint(config)
     if init_from is not None:
-        ref = load_artifact(init_from)
+        ref = load_artifact(init_from, allow_in_progress)
         if ref.meta["backbone_fingerprint"] != fp:
             raise ArtifactError(f"--init_from {init_from}: trained on backbone "
                                 f"{ref.meta['backbone']!r} ({ref.meta['backbone_fingerprint']}), "
@@ -361,6 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mpt_task", default=None, help="MPT source artifacts: the task to export")
     e.add_argument("--overwrite", action="store_true", help="write into a non-empty dir")
     e.add_argument("--cache_dir", default=".cache", help="where the 'demo' backbone is cached")
+    e.add_argument("--allow_in_progress_artifacts", action="store_true",
+                   help="export the best-so-far artifact of a run that has not finished")
     i = sub.add_parser("from-peft", help="PEFT adapter dir -> stage-1 artifact dir")
     i.add_argument("adapter", help=f"adapter dir ({PEFT_CONFIG_FILE} + {PEFT_WEIGHTS_FILE})")
     i.add_argument("out", help="artifact dir to write")
@@ -375,6 +377,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--prompt_init_vocab_range", type=int, default=5000)
     i.add_argument("--overwrite", action="store_true", help="write into a non-empty dir")
     i.add_argument("--cache_dir", default=".cache", help="where the 'demo' backbone is cached")
+    i.add_argument("--allow_in_progress_artifacts", action="store_true",
+                   help="--init_from may be the artifact of a run that has not finished")
     return ap
 
 
@@ -386,13 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "to-peft":
             out = export_peft(args.artifact, args.out, args.model_name_or_path, args.mpt_task,
-                              args.overwrite, args.cache_dir)
+                              args.overwrite, args.cache_dir, args.allow_in_progress_artifacts)
             print(f"PEFT prompt-tuning adapter written to {out} (load it with "
                   "PeftModel.from_pretrained(backbone, dir))")
         else:
             out = import_peft(args.adapter, args.out, args.model_name_or_path, args.task,
                               args.init_from, args.prompt_init, args.prompt_init_seed,
-                              args.prompt_init_vocab_range, args.overwrite, args.cache_dir)
+                              args.prompt_init_vocab_range, args.overwrite, args.cache_dir,
+                              args.allow_in_progress_artifacts)
             print(f"stage-1 prompt artifact written to {out}")
     except (ExportError, ArtifactError, ModelLoadError) as e:
         sys.stderr.write(f"error: {' '.join(str(e).split())}\n")

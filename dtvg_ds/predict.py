@@ -219,7 +219,8 @@ def run(args: argparse.Namespace) -> Path:
         raise PredictError(f"--output {out}: is a directory; name a file")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise PredictError("--batch_size and --max_new_tokens must be >= 1")
-    art = load_artifact(args.artifact)
+    # Generating with a running job's best-so-far prompt is a fair way to watch it: warn only.
+    art = load_artifact(args.artifact, allow_in_progress=True)
     items = load_items(args.input, args.task)
     model, tokenizer = build_model(art, args.model_name_or_path or str(art.meta["backbone"]),
                                    torch.bfloat16 if args.bf16 else torch.float32,

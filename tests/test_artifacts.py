@@ -93,3 +93,16 @@ def test_rewrite_is_atomic_and_leaves_no_temp_files(tmp_path):
     _save(tmp_path / "a", seed=0, steps=9)
     assert load_artifact(tmp_path / "a").meta["steps"] == 9
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
+
+
+def test_in_progress_artifact_is_refused_unless_allowed(tmp_path, capsys):
+    _save(tmp_path / "run", status="in_progress", steps=40)
+    with pytest.raises(ArtifactError, match=r"has not finished \(best so far, written at step 40\);"
+                                            r" let that run finish"):
+        load_artifact(tmp_path / "run")
+    art = load_artifact(tmp_path / "run", allow_in_progress=True)
+    assert art.meta["status"] == "in_progress"
+    assert "WARNING" in capsys.readouterr().err
+    _save(tmp_path / "done", status="complete")
+    _save(tmp_path / "old")  # written before the status field existed: complete
+    assert load_artifact(tmp_path / "done") and load_artifact(tmp_path / "old")

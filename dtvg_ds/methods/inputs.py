@@ -38,14 +38,14 @@ class MethodInputs:
 def load_inputs(cfg: TrainConfig) -> MethodInputs:
     """Load and cross-check --target_tpv / --source_tpvs (no-op for methods without them)."""
     if cfg.method == "mpt_target":
-        src = load_artifact(cfg.mpt_source)
+        src = load_artifact(cfg.mpt_source, cfg.allow_in_progress_artifacts)
         _adopt_init(cfg, src)
         return MethodInputs(None, [], src)
     if cfg.method not in ("dtvg", "spot", "mpt_source"):
         return MethodInputs(None, [])
     seen: dict[Path, str] = {}
     names: dict[str, str] = {}
-    target = load_artifact(cfg.target_tpv) if cfg.target_tpv else None
+    target = load_artifact(cfg.target_tpv, cfg.allow_in_progress_artifacts) if cfg.target_tpv else None
     if target is not None:
         seen[Path(cfg.target_tpv).resolve()] = "--target_tpv"
     sources = []
@@ -56,7 +56,7 @@ def load_inputs(cfg: TrainConfig) -> MethodInputs:
             raise ArtifactError(f"--source_tpvs {path}: given {what}; each source once, and "
                                 "the target is never its own source")
         seen[key] = path
-        art = load_artifact(path)
+        art = load_artifact(path, cfg.allow_in_progress_artifacts)
         if target is not None and art.name == target.name:
             raise ArtifactError(f"--source_tpvs {path}: is task {art.name!r}, the target itself; "
                                 "drop it from the sources")
