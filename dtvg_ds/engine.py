@@ -294,8 +294,8 @@ def setup(cfg: TrainConfig) -> Run:
         raise TrainingError(f"{trainable} backbone parameters are trainable; expected 0")
     p_init = init_prompt(backbone, cfg.num_virtual_tokens, cfg.prompt_init, cfg.prompt_init_seed,
                          cfg.prompt_init_vocab_range)
-    meta = {
-        "task": cfg.task, "backbone": cfg.model_name_or_path if cfg.model_name_or_path != DEMO_MODEL
+    meta = {  # the canonical task name: `record` and `superglue-record` are one task downstream
+        "task": task.name, "backbone": cfg.model_name_or_path if cfg.model_name_or_path != DEMO_MODEL
         else "demo", "backbone_fingerprint": backbone_fingerprint(backbone.config),
         "init_method": cfg.prompt_init, "init_seed": cfg.prompt_init_seed,
         "init_fingerprint": artifacts.tensor_fingerprint(p_init),

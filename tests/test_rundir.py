@@ -98,3 +98,21 @@ def test_resume_refuses_other_settings_and_another_runs_checkpoint(tiny_model, t
                              eval_steps=2))  # how often it evaluates may change
     art = load_artifact(a)
     assert art.meta["steps"] == 4 and art.meta["status"] == "complete" and _run_id(a) == run_a
+
+
+def test_task_aliases_are_one_task_to_stage_2(tmp_path):
+    """`record` and `superglue-record` name one task: given both as sources, one is refused."""
+    import torch
+
+    from dtvg_ds.artifacts import save_artifact
+
+    init = torch.zeros(4, 6)
+    meta = {"backbone": "b", "backbone_fingerprint": "fp", "init_method": "vocab", "init_seed": 0,
+            "steps": 3, "best_metric": {"name": "f1", "value": 1.0, "step": 3}, "method": "pt"}
+    for i, name in enumerate(("squad", "record", "superglue-record")):
+        save_artifact(tmp_path / name, init + i + 1, init, {**meta, "task": name})
+    cfg = parse_config(["--method", "dtvg", "--task", "squad", "--output_dir", str(tmp_path / "o"),
+                        "--target_tpv", str(tmp_path / "squad"), "--source_tpvs",
+                        str(tmp_path / "record"), str(tmp_path / "superglue-record")])
+    with pytest.raises(ArtifactError, match="task 'superglue-record' is already given by"):
+        load_inputs(cfg)

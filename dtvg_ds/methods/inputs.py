@@ -16,6 +16,7 @@ import torch
 
 from dtvg_ds.artifacts import ArtifactError, PromptArtifact, check_compatible, load_artifact
 from dtvg_ds.config import TrainConfig
+from dtvg_ds.data.tasks import resolve_name
 
 # Settings that define P_init; adopted from the target artifact unless given explicitly.
 _INIT_SETTINGS = (("num_virtual_tokens", "num_tokens"), ("prompt_init", "init_method"),
@@ -57,17 +58,17 @@ def load_inputs(cfg: TrainConfig) -> MethodInputs:
                                 "the target is never its own source")
         seen[key] = path
         art = load_artifact(path, cfg.allow_in_progress_artifacts)
-        if target is not None and art.name == target.name:
+        if target is not None and resolve_name(art.name) == resolve_name(target.name):
             raise ArtifactError(f"--source_tpvs {path}: is task {art.name!r}, the target itself; "
                                 "drop it from the sources")
-        if art.name in names:
+        if resolve_name(art.name) in names:  # artifacts older than canonical names: resolve
             raise ArtifactError(f"--source_tpvs {path}: task {art.name!r} is already given by "
-                                f"{names[art.name]}; pass each source task once")
-        names[art.name] = path
+                                f"{names[resolve_name(art.name)]}; pass each source task once")
+        names[resolve_name(art.name)] = path
         sources.append(art)
     check_compatible(([target] if target else []) + sources)
     if cfg.method == "mpt_source":
-        members = sorted(cfg.task.split("+"))
+        members = sorted(resolve_name(t) for t in cfg.task.split("+"))
         if sorted(names) != members:
             raise ArtifactError(f"--source_tpvs are tasks {sorted(names)} but --task mixes "
                                 f"{members}; give one teacher per mixture task")
