@@ -356,8 +356,24 @@ def export(run: Run, best: Best, steps: int, final: bool = False) -> Path:
                 "best_metric": artifacts.best_metric(metric_name(run.task), best.score, best.step),
                 "extra": {"metrics": best.metrics, **run.method.artifact_meta()}}
         artifacts.save_artifact(out, best.tensors["prompt"], run.method.p_init, meta, extra)
+        if final:
+            write_adapter(run, out)
     dist.barrier()  # the artifact exists before any rank reports success
     return out
+
+
+def write_adapter(run: Run, out: Path) -> None:
+    """Rank 0, at the end of a run: the prompt as a PEFT prompt-tuning adapter plus the
+    tokenizer in `out/adapter/`, so `PeftModel.from_pretrained(backbone, out/"adapter")` works
+    with no export step. MPT source runs hold one prompt per task: export those by task."""
+    from dtvg_ds.export import export_peft
+
+    if run.method.name == "mpt_source":
+        info(f"no adapter/ for an MPT source run; per task: python -m dtvg_ds.export to-peft {out} "
+             "DIR --mpt_task TASK")
+        return
+    adapter = export_peft(out, out / "adapter", model_name_or_path=run.model_path, overwrite=True)
+    run.tokenizer.save_pretrained(str(adapter))
 
 
 def _micro_steps(run: Run, step: int, dev: torch.device) -> float:

@@ -58,6 +58,15 @@ def test_task_prompt_vector_artifact(stage1, tiny_model):
     bb = AutoModelForSeq2SeqLM.from_pretrained(tiny_model)
     torch.testing.assert_close(art.init, init_prompt(bb, 8, "vocab", 0))
     assert m["backbone_fingerprint"] == backbone_fingerprint(bb.config)
+    # the run ends with a PEFT adapter + tokenizer beside the artifact: loads with no export step
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    pm = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(tiny_model),
+                                   str(out / "adapter"))
+    torch.testing.assert_close(pm.prompt_encoder["default"].embedding.weight, art.prompt,
+                               rtol=0, atol=0)
+    assert len(AutoTokenizer.from_pretrained(out / "adapter")) == bb.config.vocab_size
     # checkpoints: the last K kept, each complete
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     assert [c.name for c in ckpts] == ["step-00000015", "step-00000030"]

@@ -5,8 +5,12 @@ The training data is an endless stream: epoch e is a permutation of the training
 is a pure function of (seed, j, k, world size), so a resumed run needs only the step counter to
 continue exactly where it stopped: the data position *is* the step.
 
-`encode_cached` is `encode` with an on-disk cache (safetensors + JSON, never pickle): rank 0
-tokenises (with a progress bar) and writes, the other ranks wait at a barrier and read.
+Token ids live in a `TokenTable`: one flat int32 array plus int64 offsets, 4 bytes per token
+(+ 8 per row) instead of ~42 for Python lists of ints. `encode_cached` is `encode` with an
+on-disk cache (raw int32 files + safetensors offsets + JSON, never pickle): rank 0 tokenises
+(with a progress bar) and writes; every other rank memory-maps the same files, so the ranks of a
+node share one copy of the ids in the page cache. A node that cannot see rank 0's files (per-node
+disks) has its local rank 0 tokenise into its own cache; no other rank ever tokenises.
 """
 
 from __future__ import annotations
@@ -24,20 +28,76 @@ import torch
 from dtvg_ds.data.tasks import Record
 
 
+@dataclass(eq=False)
+class TokenTable:
+    """Variable-length token id sequences stored flat: sequence i is
+    `ids[offsets[i]:offsets[i + 1]]`. Indexing returns a list of ints (what collate pads)."""
+
+    ids: torch.Tensor  # int32, every sequence back to back (may be memory-mapped, read-only)
+    offsets: torch.Tensor  # int64, n + 1 entries, offsets[0] == 0
+
+    @classmethod
+    def from_lists(cls, seqs: Sequence[Sequence[int]]) -> TokenTable:
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
+        if ids.numel() and int(ids.max()) > torch.iinfo(torch.int32).max:
+            raise ValueError("token ids do not fit in int32")
+        return cls(ids.to(torch.int32), offsets)
+
+    @classmethod
+    def concat(cls, parts: Sequence[TokenTable]) -> TokenTable:
+        ids = torch.cat([p.ids for p in parts]) if parts else torch.zeros(0, dtype=torch.int32)
+        offs, base = [torch.zeros(1, dtype=torch.int64)], 0
+        for p in parts:
+            offs.append(p.offsets[1:] + base)
+            base += int(p.offsets[-1])
+        return cls(ids, torch.cat(offs))
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.ids[int(self.offsets[i]):int(self.offsets[i + 1])].tolist()
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, list):
+            return list(self) == other
+        return (isinstance(other, TokenTable) and torch.equal(self.offsets, other.offsets)
+                and torch.equal(self.ids, other.ids))
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.numel() * self.ids.element_size() + self.offsets.numel() * 8
+
+
 @dataclass
 class Encoded:
-    """Token ids of a split (unpadded lists) and the raw target strings.
+    """Token ids of a split (flat `TokenTable`s; lists are converted) and the raw target strings.
 
     `references[i]` holds every acceptable answer / reference of example i (the record's
     "answers", else its target) and `groups[i]` its MultiRC question ("" elsewhere): pass them
     to `metrics.compute(..., refs, labels, groups=...)`.
     """
 
-    sources: list[list[int]]
-    targets: list[list[int]]
+    sources: TokenTable
+    targets: TokenTable
     target_text: list[str]
     references: list[list[str]] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sources, TokenTable):
+            self.sources = TokenTable.from_lists(self.sources)
+        if not isinstance(self.targets, TokenTable):
+            self.targets = TokenTable.from_lists(self.targets)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -50,7 +110,8 @@ def encode(records: Sequence[Record], tokenizer, max_source_length: int,
                     max_length=max_source_length)["input_ids"]
     tgt = tokenizer([r["target"] for r in records], truncation=True,
                     max_length=max_target_length)["input_ids"]
-    return Encoded(list(src), list(tgt), [r["target"] for r in records],
+    return Encoded(TokenTable.from_lists(src), TokenTable.from_lists(tgt),
+                   [r["target"] for r in records],
                    [_references(r) for r in records], [str(r.get("group", "")) for r in records])
 
 
@@ -110,7 +171,7 @@ def micro_batch_indices(n: int, seed: int, micro_step: int, micro_batch: int, ra
 # tokenisation cache
 # ----------------------------------------------------------------------------------------------
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: flat int32 id files, memory-mapped
 _CHUNK = 2048  # records tokenised per progress-bar step
 
 
@@ -139,41 +200,42 @@ def cache_digest(records: Sequence[Record], tokenizer: Any, max_source_length: i
     return h.hexdigest()
 
 
-def _flatten(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    offsets = [0]
-    for s in seqs:
-        offsets.append(offsets[-1] + len(s))
-    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
-    return flat, torch.tensor(offsets, dtype=torch.int64)
-
-
-def _unflatten(flat: torch.Tensor, offsets: torch.Tensor) -> list[list[int]]:
-    ids, off = flat.tolist(), offsets.tolist()
-    return [ids[off[i]:off[i + 1]] for i in range(len(off) - 1)]
-
-
 def _sibling(base: Path, ext: str) -> Path:
     # Not with_suffix(): a key such as "wsc.fixed" already contains a dot.
     return base.with_name(base.name + ext)
 
 
 def _write_cache(enc: Encoded, base: Path) -> None:
+    """Raw int32 id files + JSON first, the safetensors offsets file (the completion marker)
+    last; each written under a temporary name and renamed, so a reader never sees half a file."""
     from safetensors.torch import save_file
 
     base.parent.mkdir(parents=True, exist_ok=True)
-    src, src_off = _flatten(enc.sources)
-    tgt, tgt_off = _flatten(enc.targets)
-    # Write to temporary names and rename: a reader never sees a half-written file, and the
-    # .safetensors file (renamed last) marks a complete entry.
     meta = {"version": CACHE_VERSION, "n": len(enc), "target_text": enc.target_text,
-            "references": enc.references, "groups": enc.groups}
-    tmp_json = base.with_name(base.name + f".json.tmp{os.getpid()}")
-    tmp_st = base.with_name(base.name + f".safetensors.tmp{os.getpid()}")
+            "references": enc.references, "groups": enc.groups,
+            "source_tokens": enc.sources.ids.numel(), "target_tokens": enc.targets.ids.numel()}
+    pid = os.getpid()
+    for name, table in (("source", enc.sources), ("target", enc.targets)):
+        tmp = _sibling(base, f".{name}.i32.tmp{pid}")
+        tmp.write_bytes(table.ids.contiguous().numpy().astype("<i4").tobytes())
+        os.replace(tmp, _sibling(base, f".{name}.i32"))
+    tmp_json = _sibling(base, f".json.tmp{pid}")
     tmp_json.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-    save_file({"source_ids": src, "source_offsets": src_off, "target_ids": tgt,
-               "target_offsets": tgt_off}, str(tmp_st))
     os.replace(tmp_json, _sibling(base, ".json"))
+    tmp_st = _sibling(base, f".safetensors.tmp{pid}")
+    save_file({"source_offsets": enc.sources.offsets, "target_offsets": enc.targets.offsets},
+              str(tmp_st))
     os.replace(tmp_st, _sibling(base, ".safetensors"))
+
+
+def _map_ids(path: Path, count: int) -> torch.Tensor:
+    """The int32 ids of `path`, memory-mapped (pages shared by every process of the node that
+    maps the same file; copy-on-write, never written back)."""
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int32)
+    if path.stat().st_size != 4 * count:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes, expected {4 * count}")
+    return torch.from_file(str(path), shared=False, size=count, dtype=torch.int32)
 
 
 def _read_cache(base: Path) -> Encoded | None:
@@ -182,14 +244,20 @@ def _read_cache(base: Path) -> Encoded | None:
     st, js = _sibling(base, ".safetensors"), _sibling(base, ".json")
     if not (st.is_file() and js.is_file()):
         return None
-    meta = json.loads(js.read_text(encoding="utf-8"))
-    if meta.get("version") != CACHE_VERSION:
-        return None
-    t = load_file(str(st))
-    enc = Encoded(_unflatten(t["source_ids"], t["source_offsets"]),
-                  _unflatten(t["target_ids"], t["target_offsets"]), meta["target_text"],
-                  meta["references"], meta["groups"])
-    return enc if len(enc) == meta["n"] else None
+    try:
+        meta = json.loads(js.read_text(encoding="utf-8"))
+        if meta.get("version") != CACHE_VERSION:
+            return None
+        t = load_file(str(st))
+        src = TokenTable(_map_ids(_sibling(base, ".source.i32"), meta["source_tokens"]),
+                         t["source_offsets"])
+        tgt = TokenTable(_map_ids(_sibling(base, ".target.i32"), meta["target_tokens"]),
+                         t["target_offsets"])
+    except (OSError, ValueError, KeyError):
+        return None  # a torn or foreign entry: tokenise again
+    enc = Encoded(src, tgt, meta["target_text"], meta["references"], meta["groups"])
+    ok = len(enc) == meta["n"] == len(tgt) and int(src.offsets[-1]) == src.ids.numel()
+    return enc if ok else None
 
 
 def _encode_with_progress(records: Sequence[Record], tokenizer: Any, max_source_length: int,
@@ -203,7 +271,8 @@ def _encode_with_progress(records: Sequence[Record], tokenizer: Any, max_source_
             chunk = records[i:i + _CHUNK]
             parts.append(encode(chunk, tokenizer, max_source_length, max_target_length))
             bar.update(len(chunk))
-    return Encoded([s for p in parts for s in p.sources], [t for p in parts for t in p.targets],
+    return Encoded(TokenTable.concat([p.sources for p in parts]),
+                   TokenTable.concat([p.targets for p in parts]),
                    [x for p in parts for x in p.target_text],
                    [x for p in parts for x in p.references], [x for p in parts for x in p.groups])
 
@@ -236,10 +305,20 @@ def encode_cached(records: Sequence[Record], tokenizer: Any, max_source_length: 
             enc = _encode_with_progress(records, tokenizer, max_source_length,
                                         max_target_length, key, progress)
             _write_cache(enc, base)
+            enc = _read_cache(base) or enc  # map the files like the other ranks do
     dist.barrier()  # collective: every rank; rank 0 has written the entry
     if enc is None:
         enc = _read_cache(base)
-        if enc is None:  # not on a shared filesystem: do the work here
+    # A node that cannot see rank 0's files (per-node disks): its local rank 0 tokenises into
+    # its own cache; the node's other ranks map that. Every rank meets the barrier.
+    if enc is None and dist.local_rank() == 0:
+        enc = _encode_with_progress(records, tokenizer, max_source_length, max_target_length,
+                                    key, False)
+        _write_cache(enc, base)
+    dist.barrier()  # collective: every node's local rank 0 has written its entry
+    if enc is None:
+        enc = _read_cache(base)
+        if enc is None:  # the node's local rank 0 could not share either: last resort
             enc = _encode_with_progress(records, tokenizer, max_source_length,
                                         max_target_length, key, False)
     return enc
