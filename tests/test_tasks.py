@@ -162,11 +162,11 @@ CASES: dict[str, dict[str, Any]] = {
                             "idx": {"paragraph": 3, "question": 7, "answer": 1}, "label": 0}],
         },
         "expect": {
-            "train": [("multirc question: Who ran? answer: Sam paragraph: Sam ran home. He was "
+            "train": [("superglue-multirc question: Who ran? answer: Sam paragraph: Sam ran home. He was "
                        "late.", "1", {"group": "0-0"})],
-            "eval": [("multirc question: Who swam? answer: Kim paragraph: Kim swam.", "1",
+            "eval": [("superglue-multirc question: Who swam? answer: Kim paragraph: Kim swam.", "1",
                       {"group": "3-7"}),
-                     ("multirc question: Who swam? answer: Lee paragraph: Kim swam.", "0",
+                     ("superglue-multirc question: Who swam? answer: Lee paragraph: Kim swam.", "0",
                       {"group": "3-7"})],
         },
     },
@@ -180,9 +180,9 @@ CASES: dict[str, dict[str, Any]] = {
                             "label": 1}],
         },
         "expect": {
-            "train": [("boolq question: is the sky blue passage: The sky is blue.", "1")],
-            "eval": [("boolq question: is fire cold passage: Fire is hot.", "0"),
-                     ("boolq question: is ice cold passage: Ice is cold.", "1")],
+            "train": [("superglue-boolq question: is the sky blue passage: The sky is blue.", "1")],
+            "eval": [("superglue-boolq question: is fire cold passage: Fire is hot.", "0"),
+                     ("superglue-boolq question: is ice cold passage: Ice is cold.", "1")],
         },
     },
     "wic": {
@@ -198,10 +198,10 @@ CASES: dict[str, dict[str, Any]] = {
                             "label": 0}],
         },
         "expect": {
-            "train": [("wic sentence1: He sat on the bank. sentence2: The bank lent money. "
+            "train": [("superglue-wic sentence1: He sat on the bank. sentence2: The bank lent money. "
                        "word: bank", "0")],
-            "eval": [("wic sentence1: I run. sentence2: They run. word: run", "1"),
-                     ("wic sentence1: A play. sentence2: We play. word: play", "0")],
+            "eval": [("superglue-wic sentence1: I run. sentence2: They run. word: run", "1"),
+                     ("superglue-wic sentence1: A play. sentence2: We play. word: play", "0")],
         },
     },
     "wsc": {
@@ -221,10 +221,10 @@ CASES: dict[str, dict[str, Any]] = {
                  "label": 1}],
         },
         "expect": {
-            "train": [("wsc text: * Mark * told Pete many lies about himself, which Pete "
+            "train": [("superglue-wsc.fixed text: * Mark * told Pete many lies about himself, which Pete "
                        "included in his book. # He # should have been more truthful.", "1")],
-            "eval": [("wsc text: Pete said he saw * Mark * and # he # waved.", "1"),
-                     ("wsc text: When # it # fell, the * vase * broke.", "1")],
+            "eval": [("superglue-wsc.fixed text: Pete said he saw * Mark * and # he # waved.", "1"),
+                     ("superglue-wsc.fixed text: When # it # fell, the * vase * broke.", "1")],
         },
     },
     "cb": {
@@ -237,9 +237,9 @@ CASES: dict[str, dict[str, Any]] = {
                             "label": 1}],
         },
         "expect": {
-            "train": [("cb premise: It may rain. hypothesis: It rains.", "2")],
-            "eval": [("cb premise: I know it is late. hypothesis: It is late.", "0"),
-                     ("cb premise: I doubt he came. hypothesis: He came.", "1")],
+            "train": [("superglue-cb premise: It may rain. hypothesis: It rains.", "2")],
+            "eval": [("superglue-cb premise: I know it is late. hypothesis: It is late.", "0"),
+                     ("superglue-cb premise: I doubt he came. hypothesis: He came.", "1")],
         },
     },
     "superglue-rte": {
@@ -272,16 +272,16 @@ CASES: dict[str, dict[str, Any]] = {
         },
         "expect": {
             # training: one example per answer
-            "train": [("record question: @placeholder met Macron. context: Obama visited Paris. "
+            "train": [("superglue-record question: @placeholder met Macron. context: Obama visited Paris. "
                        "He met Macron. Talks went well", "Obama",
                        {"answers": ["Obama", "Barack Obama"]}),
-                      ("record question: @placeholder met Macron. context: Obama visited Paris. "
+                      ("superglue-record question: @placeholder met Macron. context: Obama visited Paris. "
                        "He met Macron. Talks went well", "Barack Obama",
                        {"answers": ["Obama", "Barack Obama"]}),
-                      ("record question: Rain fell on @placeholder. context: Rain fell on Oslo.",
+                      ("superglue-record question: Rain fell on @placeholder. context: Rain fell on Oslo.",
                        "Oslo", {"answers": ["Oslo"]})],
             # evaluation: one example per query, scored against every answer
-            "test": [("record question: @placeholder won. context: Bo won. Fans cheered", "Bo",
+            "test": [("superglue-record question: @placeholder won. context: Bo won. Fans cheered", "Bo",
                       {"answers": ["Bo", "Bo Li"]})],
         },
     },
@@ -612,7 +612,7 @@ def test_halved_validation_sizes_determinism_and_attempt_equivalence(tmp_path: P
     import torch
 
     perm = torch.randperm(57, generator=torch.Generator().manual_seed(5)).tolist()
-    assert [r["source"] for r in dev] == [f"cb premise: vp{i} hypothesis: vh{i}"
+    assert [r["source"] for r in dev] == [f"superglue-cb premise: vp{i} hypothesis: vh{i}"
                                          for i in perm[:28]]
     assert len(task.load("train", d, seed=5)) == 30
 
@@ -765,7 +765,7 @@ def test_script_datasets_fall_back_to_the_parquet_export(monkeypatch: pytest.Mon
 
     from dtvg_ds.data import sources
 
-    rows = CASES["web_nlg"]["files"]["dev"]
+    rows = CASES["common_gen"]["files"]["validation"]
     calls: list[dict[str, Any]] = []
 
     def fake_load(path: str, name: str | None = None, split: str | None = None, **kw: Any):
@@ -777,9 +777,10 @@ def test_script_datasets_fall_back_to_the_parquet_export(monkeypatch: pytest.Mon
     sources._hub_split.cache_clear()
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     try:
-        recs = get_task("web_nlg").load("validation")
+        recs = get_task("common_gen").load("test")
     finally:
         sources._hub_split.cache_clear()
-    assert recs == _as_records(CASES["web_nlg"]["expect"]["validation"])
-    assert calls[1] == {"path": "webnlg-challenge/web_nlg", "name": None, "split": None,
-                        "revision": "refs/convert/parquet", "data_dir": "webnlg_challenge_2017"}
+    assert recs == _as_records(CASES["common_gen"]["expect"]["test"])
+    assert calls == [{"path": "allenai/common_gen", "name": None, "split": "validation"},
+                     {"path": "allenai/common_gen", "name": None, "split": None,
+                      "revision": "refs/convert/parquet", "data_dir": "default"}]

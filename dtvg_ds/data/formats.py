@@ -10,7 +10,13 @@ plus, where the task needs them,
 - `"answers"`: every gold answer / reference text (SQuAD, MRQA, ReCoRD, NLG). The target is the
   first one; training may expand one record per answer (`Task.train_all_answers`), evaluation
   keeps one record and scores against all of them (max over answers, or multi-reference BLEU);
-- `"group"`: the question a MultiRC answer option belongs to (exact match is per question).
+- `"group"`: the question a MultiRC answer option belongs to (exact match is per question);
+- `ISSUE` (`"_issue"`): a row the formatter could only partly format (a WSC span index that
+  misses its span): it is formatted as the reference preprocessors do, and `Task.load` pops the
+  key, counts such rows and logs one line per load, so one odd row never fails a whole load.
+
+A formatter may also return an empty list: the row is not an example of this split (WebNLG's
+Hub test split holds two extra copies of its test entries; see `webnlg`).
 
 Everything here is pure Python on plain dicts, so formatting is identical for Hub rows and for
 rows read from local json/jsonl/csv/parquet files.
@@ -24,6 +30,7 @@ from typing import Any
 
 Record = dict[str, Any]
 Formatter = Callable[[dict[str, Any]], Record | list[Record]]
+ISSUE = "_issue"  # record key: what went wrong with this row (popped and counted by Task.load)
 
 
 def kv_source(prefix: str, pairs: Sequence[tuple[str, Any]]) -> str:
@@ -104,29 +111,48 @@ def multirc(prefix: str) -> Formatter:
     return fmt
 
 
-def mark_span(text: str, span: str, word_index: int, mark: str) -> str:
+def mark_span(text: str, span: str, word_index: int, mark: str) -> str | None:
     """Surround `span`, starting at whitespace-word `word_index` of `text`, with `mark`.
 
     T5's WSC preprocessing: the noun becomes `* noun *`, the pronoun `# pronoun #`. The span is
     located by word position (not by search) so a pronoun that occurs twice is marked at the
-    annotated occurrence only.
+    annotated occurrence only. Returns None when `span` does not start at that word (a few
+    wsc.fixed rows have an index that points at a neighbouring word).
     """
     pattern = r"^((?:\S+\s){" + str(int(word_index)) + "})(" + re.escape(span) + ")"
     marked, n = re.subn(pattern, lambda m: f"{m.group(1)}{mark} {m.group(2)} {mark}", text,
                         count=1)
-    if n == 0:
-        raise ValueError(f"WSC span {span!r} not found at word {word_index} of {text!r}")
-    return marked
+    return marked if n else None
 
 
 def wsc(prefix: str) -> Formatter:
-    """WSC (wsc.fixed): `text:` with `* noun *` and `# pronoun #` -> label."""
+    """WSC (wsc.fixed): `text:` with `* noun *` and `# pronoun #` -> label.
+
+    A span whose index does not land on its text is left unmarked, which is what T5's and the
+    ATTEMPT code's regex substitution does (no match, no change); the record carries `ISSUE`.
+    Unlike them, the pronoun index is shifted by the two inserted `*` only when the noun was
+    actually marked.
+    """
     def fmt(row: dict[str, Any]) -> Record:
         i1, i2 = int(row["span1_index"]), int(row["span2_index"])
-        text = mark_span(row["text"], row["span1_text"], i1, "*")
+        text, problems = row["text"], []
+        marked = mark_span(text, row["span1_text"], i1, "*")
+        if marked is None:
+            problems.append(f"span1 {row['span1_text']!r} is not word {i1}")
+        else:
+            text = marked
         # Marking span 1 inserted two words ("*" and "*") before span 2 if it comes first.
-        text = mark_span(text, row["span2_text"], i2 + 2 * int(i1 < i2), "#")
-        return {"source": kv_source(prefix, [("text", text)]), "target": label_str(row["label"])}
+        shift = 2 if marked is not None and i1 < i2 else 0
+        marked = mark_span(text, row["span2_text"], i2 + shift, "#")
+        if marked is None:
+            word = (row["text"].split()[i2:i2 + 1] or ["<past the end>"])[0]
+            problems.append(f"span2 {row['span2_text']!r} is not word {i2} ({word!r})")
+        else:
+            text = marked
+        rec = {"source": kv_source(prefix, [("text", text)]), "target": label_str(row["label"])}
+        if problems:
+            rec[ISSUE] = "WSC " + "; ".join(problems) + ": left unmarked, as T5/ATTEMPT do"
+        return rec
     return fmt
 
 
@@ -226,9 +252,28 @@ def webnlg_triples(row: dict[str, Any]) -> list[str]:
     return [str(t) for t in row["input"]]  # GEM/web_nlg schema
 
 
+# WebNLG 2017 on the Hub: the test split concatenates the three XML files of the release's
+# test folder, tagged by file name. Only testdata_with_lex.xml (1,862 entries, seen + unseen
+# categories) is the standard test set; testdata_no_lex.xml is the same inputs without
+# references and testdata_unseen_with_lex.xml repeats its 891 unseen-category entries.
+WEBNLG_TEST_FILES_SKIPPED = ("testdata_no_lex", "testdata_unseen_with_lex")
+
+
+def webnlg_test_category(row: dict[str, Any]) -> str:
+    """The release file a WebNLG 2017 test row came from ("" for train/dev rows)."""
+    return str(row.get("test_category") or row.get("2017_test_category") or "")
+
+
 def webnlg(prefix: str) -> Formatter:
-    """WebNLG: `triples: s | p | o ; s | p | o` -> every lexicalisation as a reference."""
-    def fmt(row: dict[str, Any]) -> Record:
+    """WebNLG: `triples: s | p | o ; s | p | o` -> every lexicalisation as a reference.
+
+    Rows of the two redundant test files (`WEBNLG_TEST_FILES_SKIPPED`) give no record, so every
+    test entry is scored once; evaluation also merges rows with the same triples (and their
+    references), which catches copies in local files without `test_category`.
+    """
+    def fmt(row: dict[str, Any]) -> Record | list[Record]:
+        if webnlg_test_category(row) in WEBNLG_TEST_FILES_SKIPPED:
+            return []
         if "lex" in row:
             lex = row["lex"]
             refs = list(lex["text"]) if isinstance(lex, dict) else [x["text"] for x in lex]

@@ -7,6 +7,9 @@ Split policies (ATTEMPT/MPT/DTVG protocol, ALGORITHMS.md "Splits"):
   best-checkpoint selection), the second half our "test". Training data is the Hub train split.
 - ``holdout`` (larger datasets): 1,000 training examples, chosen by the seeded shuffle, are held
   out as "validation"; the rest is "train"; the Hub validation (or test) split is our "test".
+  Tasks whose training rows come in groups sharing one input (CommonGen: several target
+  sentences per concept set) hold out 1,000 whole groups instead, so that no dev input is
+  also a training input (:func:`holdout_group_indices`).
 - ``hub``: the Hub's own splits (MNLI matched/mismatched, PAWS, E2E, WebNLG).
 
 The shuffle is `torch.randperm(n)` under a `torch.Generator` seeded with the seed, as in the
@@ -16,7 +19,7 @@ published ATTEMPT code, so the same seed and the same Hub data give the same dev
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -48,14 +51,15 @@ def halve_indices(n: int, seed: int, part: str) -> list[int]:
     raise ValueError(f"halve: part must be 'validation' or 'test', got {part!r}")
 
 
-def holdout_indices(n: int, seed: int, part: str, size: int = HOLDOUT_SIZE) -> list[int]:
+def holdout_indices(n: int, seed: int, part: str, size: int = HOLDOUT_SIZE,
+                    unit: str = "rows") -> list[int]:
     """Row indices of the held-out dev set ("validation") or the remaining "train" rows.
 
     When the training file is too small to spare `size` rows (a small local sample), half of it
     is held out instead, with a warning, so that both parts stay non-empty.
     """
     if n <= 2 * size:
-        warnings.warn(f"only {n} training rows: holding out {n // 2} (not {size}) as the dev "
+        warnings.warn(f"only {n} training {unit}: holding out {n // 2} (not {size}) as the dev "
                       "set", stacklevel=3)
         size = n // 2
     perm = permutation(n, seed)
@@ -64,6 +68,24 @@ def holdout_indices(n: int, seed: int, part: str, size: int = HOLDOUT_SIZE) -> l
     if part == "train":
         return perm[size:]
     raise ValueError(f"holdout: part must be 'validation' or 'train', got {part!r}")
+
+
+def holdout_group_indices(keys: Sequence[Hashable], seed: int, part: str,
+                          size: int = HOLDOUT_SIZE) -> list[int]:
+    """Row indices of the held-out dev groups ("validation") or of the remaining "train" rows.
+
+    `keys[i]` is the group of row i (CommonGen's `concept_set_idx`). The distinct groups, in
+    order of first appearance, are shuffled with the seed exactly as rows are in
+    :func:`holdout_indices`; the first `size` groups are the dev set, and every row of a group
+    goes to the side of its group. Rows come out group by group in that shuffled order. With
+    `2 * size` groups or fewer, half of the groups are held out, with a warning.
+    """
+    groups: dict[Hashable, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    order = list(groups)
+    chosen = holdout_indices(len(order), seed, part, size, "groups")  # shuffled as rows are
+    return [i for g in chosen for i in groups[order[g]]]
 
 
 def subsample(items: Sequence[T], limit: int, seed: int, shuffled: bool = False) -> list[T]:

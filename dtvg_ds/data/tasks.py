@@ -23,6 +23,7 @@ from dtvg_ds.data import demo, formats
 from dtvg_ds.data import splits as sp  # not "splits": a Task field has that name
 from dtvg_ds.data.formats import kv
 from dtvg_ds.data.sources import SourceError, hub_rows, local_rows
+from dtvg_ds.logs import info
 
 Record = dict[str, Any]
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -45,7 +46,11 @@ class Task:
     "test") to the Hub split name; `row_filter` keeps rows whose column equals a value (MRQA's
     `subset`). `train_all_answers` makes one training example per gold answer (ReCoRD, WebNLG);
     `group_references` merges evaluation rows with the same input into one example with all
-    their references (E2E, CommonGen).
+    their (distinct) references (E2E, WebNLG, CommonGen). `prefix` is the first word of every
+    input (default: the name; the SuperGLUE tasks use the ATTEMPT code's "superglue-boolq", ...).
+    `holdout_group` names the column(s) (first one present) whose rows the holdout policy keeps
+    together (CommonGen's `concept_set_idx`). `local_hint` is added to the error when the Hub
+    cannot be read (how to build `--data_dir` files).
     """
 
     name: str
@@ -66,6 +71,14 @@ class Task:
     holdout_size: int = sp.HOLDOUT_SIZE
     balanced_few_shot: bool = True
     aliases: tuple[str, ...] = ()
+    prefix: str = ""
+    holdout_group: tuple[str, ...] = ()
+    local_hint: str = ""
+
+    @property
+    def input_prefix(self) -> str:
+        """The first word of every model input of this task."""
+        return self.prefix or self.name
 
     @property
     def hub(self) -> str:
@@ -97,7 +110,7 @@ class Task:
             shuffled = True  # generated in random order already
         else:
             rows, shuffled = self._rows(split, data_dir, seed)
-            recs = self._records(rows, training=split == "train")
+            recs = self._records(rows, split)
         if k_shot:
             recs = sp.few_shot(recs, k_shot, seed,
                                    self.labels if self.balanced_few_shot else None)
@@ -123,7 +136,8 @@ class Task:
             return hub_rows(self.hub_id, self.hub_config, hub_split, self.row_filter,
                             self.columns)
         except SourceError as e:
-            hint = "" if data_dir else "; pass --data_dir with local files in the Hub schema"
+            hint = "" if data_dir else ("; pass --data_dir with local files in the Hub schema" +
+                                        (f" ({self.local_hint})" if self.local_hint else ""))
             raise TaskError(f"task {self.name!r}: {e}{hint}") from None
         except TaskError:
             raise
@@ -138,17 +152,40 @@ class Task:
             return src.take(sp.halve_indices(len(src), seed, split)), True
         if self.split_policy == sp.HOLDOUT and split != "test":
             src = self._source("train", data_dir)
-            idx = sp.holdout_indices(len(src), seed, split, self.holdout_size)
+            if self.holdout_group:
+                keys = self._group_keys(src)
+                idx = sp.holdout_group_indices(keys, seed, split, self.holdout_size)
+            else:
+                idx = sp.holdout_indices(len(src), seed, split, self.holdout_size)
             return src.take(idx), True
         return self._source(split, data_dir).take(), False
 
-    def _records(self, rows: list[dict[str, Any]], training: bool) -> list[Record]:
+    def _group_keys(self, src: Any) -> list[Any]:
+        """The holdout group of every training row (lists become tuples, hashable)."""
+        for col in self.holdout_group:
+            keys = src.column(col)
+            if keys is not None:
+                return [tuple(k) if isinstance(k, list | tuple) else k for k in keys]
+        raise TaskError(f"task {self.name!r}: the training rows have none of the columns "
+                        f"{list(self.holdout_group)} that group them for the dev holdout")
+
+    def _records(self, rows: list[dict[str, Any]], split: str) -> list[Record]:
         fmt = self.format or _passthrough
         out: list[Record] = []
-        for row in rows:
+        issues: list[tuple[str, str]] = []  # (row id, what was wrong)
+        for i, row in enumerate(rows):
             r = fmt(row)
-            out.extend(r if isinstance(r, list) else [r])
-        if training:
+            for rec in r if isinstance(r, list) else [r]:
+                issue = rec.pop(formats.ISSUE, None)
+                if issue is not None:
+                    issues.append((_row_id(row, i), issue))
+                out.append(rec)
+        if issues:  # one line per load, never a failed load
+            rid, what = issues[0]
+            info(f"task {self.name!r}, split {split!r}: {len(issues)} of {len(rows)} rows only "
+                 f"partly formatted, kept as the reference preprocessors keep them; e.g. row "
+                 f"{rid}: {what}")
+        if split == "train":
             if self.train_all_answers:
                 out = [{**r, "target": a} for r in out for a in r.get("answers", [r["target"]])]
             # A training example needs a target (ReCoRD/WebNLG rows without answers have none).
@@ -168,15 +205,29 @@ def _passthrough(row: dict[str, Any]) -> Record:
     return {"source": str(row["source"]), "target": str(row["target"])}
 
 
+def _row_id(row: dict[str, Any], position: int) -> str:
+    """How a log line names a row: its idx/id/eid/qid, else its position in the split."""
+    for key in ("idx", "id", "eid", "qid"):
+        if key in row:
+            return f"{key}={row[key]}"
+    return f"#{position}"
+
+
 def _group_by_source(recs: list[Record]) -> list[Record]:
-    """One evaluation example per distinct input, with every reference of that input."""
+    """One evaluation example per distinct input, with every distinct reference of that input.
+
+    Repeated references (a WebNLG entry that occurs in two test files) are kept once; the
+    target is the first non-empty reference.
+    """
     merged: dict[str, Record] = {}
     for r in recs:
+        refs = [a for a in r.get("answers", [r["target"]]) if a != ""]
         m = merged.get(r["source"])
         if m is None:
-            merged[r["source"]] = {**r, "answers": list(r.get("answers", [r["target"]]))}
-        else:
-            m["answers"].extend(r.get("answers", [r["target"]]))
+            merged[r["source"]] = m = {**r, "answers": []}
+        m["answers"].extend(a for a in refs if a not in m["answers"])
+        if m["target"] == "" and m["answers"]:
+            m["target"] = m["answers"][0]
     return list(merged.values())
 
 
@@ -240,28 +291,31 @@ _paper("rte", "accuracy", GLUE, "rte", sp.HALVE, kv("rte", ["sentence1", "senten
 _paper("cola", "matthews", GLUE, "cola", sp.HALVE, kv("cola", ["sentence"]),
        "GLUE CoLA acceptability", BINARY)
 
-# SuperGLUE: MultiRC, BoolQ, WiC, WSC, CB (targets), RTE, ReCoRD (a source task).
-_paper("multirc", "multirc", SUPERGLUE, "multirc", sp.HALVE, formats.multirc("multirc"),
+# SuperGLUE: MultiRC, BoolQ, WiC, WSC, CB (targets), RTE, ReCoRD (a source task). Inputs start
+# with the task names of the ATTEMPT/DTVG code ("superglue-boolq question: ..."), so prompts
+# trained with the released code see the same text; the registered names stay short.
+_paper("multirc", "multirc", SUPERGLUE, "multirc", sp.HALVE,
+       formats.multirc("superglue-multirc"),
        "SuperGLUE MultiRC (F1a over answer options, EM per question)", BINARY,
-       aliases=("superglue-multirc",))
+       prefix="superglue-multirc", aliases=("superglue-multirc",))
 _paper("boolq", "accuracy", SUPERGLUE, "boolq", sp.HALVE,
-       kv("boolq", ["question", "passage"]), "SuperGLUE BoolQ", BINARY,
-       aliases=("superglue-boolq",))
+       kv("superglue-boolq", ["question", "passage"]), "SuperGLUE BoolQ", BINARY,
+       prefix="superglue-boolq", aliases=("superglue-boolq",))
 _paper("wic", "accuracy", SUPERGLUE, "wic", sp.HALVE,
-       kv("wic", ["sentence1", "sentence2", "word"]), "SuperGLUE WiC", BINARY,
-       aliases=("superglue-wic",))
-_paper("wsc", "accuracy", SUPERGLUE, "wsc.fixed", sp.HALVE, formats.wsc("wsc"),
+       kv("superglue-wic", ["sentence1", "sentence2", "word"]), "SuperGLUE WiC", BINARY,
+       prefix="superglue-wic", aliases=("superglue-wic",))
+_paper("wsc", "accuracy", SUPERGLUE, "wsc.fixed", sp.HALVE, formats.wsc("superglue-wsc.fixed"),
        "SuperGLUE WSC (wsc.fixed; * noun *, # pronoun #)", BINARY,
-       aliases=("superglue-wsc", "superglue-wsc.fixed"))
+       prefix="superglue-wsc.fixed", aliases=("superglue-wsc", "superglue-wsc.fixed"))
 _paper("cb", "accuracy_macro_f1", SUPERGLUE, "cb", sp.HALVE,
-       kv("cb", ["premise", "hypothesis"]), "SuperGLUE CommitmentBank", THREE,
-       aliases=("superglue-cb",))
+       kv("superglue-cb", ["premise", "hypothesis"]), "SuperGLUE CommitmentBank", THREE,
+       prefix="superglue-cb", aliases=("superglue-cb",))
 _paper("superglue-rte", "accuracy", SUPERGLUE, "rte", sp.HALVE,
        kv("superglue-rte", ["premise", "hypothesis"]), "SuperGLUE RTE (premise/hypothesis)",
        BINARY)
-_paper("record", "squad", SUPERGLUE, "record", sp.HOLDOUT, formats.record("record"),
+_paper("record", "squad", SUPERGLUE, "record", sp.HOLDOUT, formats.record("superglue-record"),
        "SuperGLUE ReCoRD (one training example per answer; F1/EM max over answers)",
-       train_all_answers=True, aliases=("superglue-record",))
+       train_all_answers=True, prefix="superglue-record", aliases=("superglue-record",))
 
 # Extractive QA: SQuAD (a source task) and the MRQA 2019 in-domain sets.
 _paper("squad", "squad", "rajpurkar/squad", None, sp.HOLDOUT, formats.extractive_qa("squad"),
@@ -287,15 +341,23 @@ _paper("paws", "accuracy", "google-research-datasets/paws", "labeled_final", sp.
        kv("paws", ["sentence1", "sentence2"]), "PAWS (labeled_final)", BINARY)
 
 # NLG: multi-reference evaluation (BLEU / ROUGE / METEOR when it runs offline).
+# The E2E and WebNLG repositories hold a loading script only (sources.SCRIPT_ONLY): E2E is read
+# from the Hub's parquet export; WebNLG, which may have no export, from the official release.
 _paper("e2e_nlg", "nlg", "tuetschek/e2e_nlg", None, sp.HUB, formats.e2e("e2e_nlg"),
        "E2E NLG restaurant descriptions", group_references=True, aliases=("e2e",))
 _paper("web_nlg", "nlg", "webnlg-challenge/web_nlg", "webnlg_challenge_2017", sp.HUB,
-       formats.webnlg("web_nlg"), "WebNLG 2017 triples-to-text", train_all_answers=True,
+       formats.webnlg("web_nlg"),
+       "WebNLG 2017 triples-to-text (test: the 1,862 entries of testdata_with_lex, all references)",
+       train_all_answers=True, group_references=True,
        hub_splits=(("train", "train"), ("validation", "dev"), ("test", "test")),
+       local_hint="for WebNLG: --data_dir <release>/webnlg_challenge_2017 of "
+                  "gitlab.com/shimorina/webnlg-dataset, see dtvg_ds/data/ZOO.md",
        aliases=("webnlg",))
 _paper("common_gen", "nlg", "allenai/common_gen", None, sp.HOLDOUT,
-       formats.common_gen("common_gen"), "CommonGen (test: Hub validation; test has no targets)",
-       group_references=True, aliases=("commongen",))
+       formats.common_gen("common_gen"),
+       "CommonGen (dev: 1K concept sets held out of train; test: Hub validation)",
+       group_references=True, holdout_group=("concept_set_idx", "concepts"),
+       aliases=("commongen",))
 
 # The papers' task groups (ALGORITHMS.md), for mixtures and listings.
 SOURCE_TASKS = ("mnli", "qnli", "qqp", "sst2", "record", "squad")
