@@ -58,7 +58,13 @@ class TrainConfig:
     data_dir: str = _f("", "read the task from local json/jsonl/csv/parquet files in this dir")
     cache_dir: str = _f(".cache", "where the demo backbone and tokenised data are cached")
     overwrite_output_dir: bool = _f(False, "allow writing into a non-empty output_dir")
-    resume: str = _f("", "'auto' (newest checkpoint in output_dir) or a checkpoint dir")
+    resume: str = _f("", "'auto' (newest checkpoint in output_dir) or a checkpoint dir",
+                     aliases=("--resume_from_checkpoint",))
+    run_name: str = _f("", "a name for the run in W&B/TensorBoard and run.json (default: the "
+                           "output dir's name)")
+    ddp_timeout: int = _f(1800, "seconds a rank waits in a collective for its peers before the "
+                                "job fails (a dead or hung rank)")
+    disable_tqdm: bool = _f(False, "no progress bar (SLURM logs); the JSONL log is unchanged")
     seed: int = _f(42, "training seed (data order, dropout)")
     stop_at_step: int = _f(0, "checkpoint and stop at this step as if interrupted (0 = off); "
                               "for time-boxed jobs: resume later with --resume auto")
@@ -89,7 +95,11 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "gradient clipping (0 = off)")
-    warmup_steps: int = _f(0, "linear warmup steps, then linear decay to 0 at max_steps")
+    warmup_steps: int = _f(0, "warmup steps (overrides --warmup_ratio when > 0)")
+    warmup_ratio: float = _f(0.0, "warmup as a fraction of --max_steps (used when "
+                                  "--warmup_steps is 0)")
+    lr_scheduler_type: str = _f("linear", "after warmup: linear (decay to 0), cosine, constant, "
+                                          "or constant_with_warmup (transformers.get_scheduler)")
     max_steps: int = _f(1000, "optimizer steps to train")
     per_device_train_batch_size: int = _f(8, "micro batch per rank")
     per_device_eval_batch_size: int = _f(32, "eval batch per rank")
@@ -165,6 +175,15 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d.pop("explicit")
         return d
+
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+def warmup_steps(cfg: TrainConfig) -> int:
+    """Warmup steps in effect: --warmup_steps if > 0, else ceil(--warmup_ratio x --max_steps)
+    (HF Trainer's rule)."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * cfg.max_steps)
 
 
 def _cli_fields() -> list[dataclasses.Field]:
@@ -283,6 +302,13 @@ def validate(cfg: TrainConfig) -> list[str]:
             probs.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
     if cfg.learning_rate <= 0:
         probs.append(f"--learning_rate must be > 0 (got {cfg.learning_rate})")
+    if cfg.lr_scheduler_type not in SCHEDULERS:
+        probs.append(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: choose one of "
+                     f"{', '.join(SCHEDULERS)}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        probs.append(f"--warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})")
+    if cfg.ddp_timeout < 1:
+        probs.append(f"--ddp_timeout must be >= 1 second (got {cfg.ddp_timeout})")
     if cfg.warmup_steps > cfg.max_steps:
         probs.append(f"--warmup_steps ({cfg.warmup_steps}) exceeds --max_steps ({cfg.max_steps})")
     if cfg.prompt_init not in ("vocab", "uniform"):
@@ -458,9 +484,19 @@ def _resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
         if sch.get("type") != "WarmupDecayLR":
             r.problems.append(f"{path}: scheduler.type {sch.get('type')!r}: only WarmupDecayLR "
                               "(or no scheduler block: dtvg_ds then uses warmup + linear decay)")
+        if cfg.lr_scheduler_type != "linear":
+            r.problems.append(f"{path}: the scheduler block (WarmupDecayLR) decays linearly, "
+                              f"--lr_scheduler_type is {cfg.lr_scheduler_type!r}; drop the block "
+                              "(dtvg_ds then schedules with transformers.get_scheduler)")
+        sp = sch.setdefault("params", {})
+        auto_warmup = sp.get("warmup_num_steps") == "auto"
         r.link(("scheduler", "params", "warmup_num_steps"), "warmup_steps", int)
         r.link(("scheduler", "params", "total_num_steps"), "max_steps", int)
-        sp = sch.setdefault("params", {})
+        if auto_warmup:
+            sp["warmup_num_steps"] = warmup_steps(cfg)
+        # DeepSpeed's default warmup_type is "log"; HF Trainer's (and ours without the block)
+        # is linear: make both paths give the same curve unless the JSON asks otherwise.
+        sp.setdefault("warmup_type", "linear")
         if sp.get("warmup_min_lr") == "auto":
             sp["warmup_min_lr"] = 0.0
         # warmup_max_lr is per param group (DTVG has three): filled by the engine.

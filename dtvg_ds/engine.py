@@ -28,6 +28,7 @@ from dtvg_ds.config import (
     read_ds_config,
     report_sinks,
     resolve_ds_config,
+    warmup_steps,
 )
 from dtvg_ds.config import zero_stage as get_zero_stage
 from dtvg_ds.data import batches
@@ -176,24 +177,34 @@ def set_prompt_persistence(ds: dict[str, Any], groups: list[dict[str, Any]]) -> 
     return int(zero["stage3_param_persistence_threshold"])
 
 
-def _lr_lambda(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return f
-
-
 def configure_schedule(ds: dict[str, Any], groups: list[dict[str, Any]], cfg: TrainConfig):
-    """Fill the JSON WarmupDecayLR's per-group peak LRs, or return our own warmup+linear decay."""
+    """The LR scheduler factory for `deepspeed.initialize` (None: DeepSpeed builds the JSON's).
+
+    Without a scheduler block: `transformers.get_scheduler(--lr_scheduler_type)` with the warmup
+    in effect, HF Trainer's curves. A linear WarmupDecayLR block from 0 (what the filled config
+    holds unless the JSON says otherwise) is the same schedule, but DeepSpeed's implementation
+    runs one step behind HF's (lr 0 for the first two steps); it is therefore replaced by
+    `get_scheduler("linear")` with the block's steps, so both paths give one curve. Any other
+    block (log warmup, a warmup_min_lr) is DeepSpeed's to run, per-group peaks filled in."""
+    from transformers import get_scheduler
+
     sch = ds.get("scheduler")
-    if sch is not None:
-        params = sch.setdefault("params", {})
-        if params.get("warmup_max_lr", "auto") == "auto":
-            params["warmup_max_lr"] = [g["lr"] for g in groups]
-        return None
-    return lambda opt: torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    if sch is None:
+        # LambdaLR scales each parameter group's own peak rate (DTVG has three).
+        return lambda opt: get_scheduler(cfg.lr_scheduler_type, opt,
+                                         num_warmup_steps=warmup_steps(cfg),
+                                         num_training_steps=cfg.max_steps)
+    params = sch.setdefault("params", {})
+    if params.get("warmup_type") == "linear" and float(params.get("warmup_min_lr", 0)) == 0:
+        ds.pop("scheduler")
+        warm, total = int(params["warmup_num_steps"]), int(params["total_num_steps"])
+        return lambda opt: get_scheduler("linear", opt, num_warmup_steps=warm,
+                                         num_training_steps=total)
+    if params.get("warmup_max_lr", "auto") == "auto":
+        params["warmup_max_lr"] = [g["lr"] for g in groups]
+    info(f"scheduler: DeepSpeed's WarmupDecayLR as configured ({params.get('warmup_type')} "
+         "warmup); its curve is not HF Trainer's")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +254,7 @@ def setup(cfg: TrainConfig) -> Run:
                            k_shot=cfg.k_shot)  # empty data, k_shot > data: fail before init
     valid_recs = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)
     clock.mark("checks_and_data_read")
-    dist.init()
+    dist.init(cfg.ddp_timeout / 60)
     clock.mark("process_group")
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
@@ -453,7 +464,7 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
         method.load_extra_state(state["method_state"])
         info(f"resumed from {resume_dir} at step {step}")
     engine.train()
-    bar = progress(cfg.max_steps, step)
+    bar = progress(cfg.max_steps, step, disable=cfg.disable_tqdm)
     loss_sum, loss_n, t_last = 0.0, 0, time.time()
     while step < cfg.max_steps:
         record = method.on_step_start(step)  # all ranks (DTVG: rank 0 decides, broadcasts)

@@ -80,7 +80,8 @@ def _start_wandb(out_dir: Path, config: dict[str, Any]) -> Any:
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     try:
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dtvg_ds"), id=run_id,
-                         resume="allow", name=out_dir.name, dir=str(out_dir), config=config)
+                         resume="allow", name=config.get("run_name") or out_dir.name,
+                         dir=str(out_dir), config=config)
     except Exception as e:  # noqa: BLE001  -- wandb raises many types (auth, network, usage)
         raise ConfigError([f"--report_to wandb: W&B did not start ({type(e).__name__}: "
                            f"{str(e)[:200]}); run `wandb login`, or set WANDB_MODE=offline, "
@@ -89,9 +90,9 @@ def _start_wandb(out_dir: Path, config: dict[str, Any]) -> Any:
     return run
 
 
-def progress(total: int, initial: int = 0, desc: str = "train"):
-    """A tqdm bar with rate and ETA on rank 0; a silent stand-in elsewhere."""
+def progress(total: int, initial: int = 0, desc: str = "train", disable: bool = False):
+    """A tqdm bar with rate and ETA on rank 0 (unless `disable`); a silent stand-in elsewhere."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not dist.is_main(),
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable or not dist.is_main(),
                 dynamic_ncols=True, file=sys.stderr, mininterval=1.0)

@@ -39,6 +39,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "save_total_limit", "report_to", "trace_memory", "resume", "overwrite_output_dir",
     "output_dir", "eval_gather_backbone", "per_device_eval_batch_size", "fingerprint_every",
     "gradient_checkpointing", "cache_dir", "tokenized_cache", "config", "deepspeed",
+    "run_name", "ddp_timeout", "disable_tqdm", "debug",
     "generation_max_length", "max_eval_samples"})
 
 
@@ -125,6 +126,7 @@ def _identity(out: Path, cfg: TrainConfig, resume_state: dict[str, Any] | None) 
     if resume_state is None:  # a new run (also --resume auto into an empty dir)
         run_id = new_run_id()
         atomic_write_json(out / RUN_FILE, {"run_id": run_id, "started": time.time(),
+                                           "run_name": cfg.run_name or out.name,
                                            "task": cfg.task, "method": cfg.method})
         return run_id
     problems = check_resume(resume_state, cfg, current)

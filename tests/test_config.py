@@ -156,3 +156,69 @@ def test_misspelt_zero_key_is_named_before_launch():
     with pytest.raises(ConfigError, match="zero_optimization.stage3_param_persistance_threshold: "
                                           "Extra inputs are not permitted"):
         resolve_ds_config(parse_config(BASE), ds, world_size=2)
+
+
+def test_hf_trainer_scheduler_and_run_flags():
+    cfg = parse_config(BASE + ["--resume_from_checkpoint", "auto", "--lr_scheduler_type", "cosine",
+                               "--warmup_ratio", "0.1", "--max_steps", "95", "--run_name", "r1",
+                               "--ddp_timeout", "600", "--disable_tqdm"])
+    assert cfg.resume == "auto" and cfg.lr_scheduler_type == "cosine"
+    assert (cfg.run_name, cfg.ddp_timeout, cfg.disable_tqdm) == ("r1", 600, True)
+    from dtvg_ds.config import warmup_steps
+
+    assert warmup_steps(cfg) == 10  # ceil(0.1 x 95); --warmup_steps > 0 would win
+    assert warmup_steps(parse_config(BASE + ["--warmup_ratio", "0.1", "--warmup_steps", "3"])) == 3
+    with pytest.raises(ConfigError) as e:
+        parse_config(BASE + ["--lr_scheduler_type", "poly", "--warmup_ratio", "1.5"])
+    assert "--lr_scheduler_type 'poly': choose one of linear, cosine" in str(e.value)
+    assert "--warmup_ratio must be in [0, 1)" in str(e.value)
+
+
+def _warmup_decay_json() -> dict:
+    ds = _ds()
+    ds["scheduler"] = {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": "auto", "warmup_max_lr": "auto", "warmup_num_steps": "auto",
+        "total_num_steps": "auto"}}
+    return ds
+
+
+def test_warmup_decay_json_gives_the_same_curve_as_get_scheduler():
+    """A WarmupDecayLR block is filled with a linear warmup (DeepSpeed's default is log) and
+    run as `get_scheduler("linear")` (DeepSpeed's own lags HF's by one step): both scheduler
+    paths give HF Trainer's curve. A log-warmup block stays DeepSpeed's."""
+    import torch
+    from transformers import get_scheduler
+
+    from dtvg_ds.engine import configure_schedule
+
+    cfg = parse_config(BASE + ["--max_steps", "20", "--warmup_ratio", "0.25"])
+    ds, _ = resolve_ds_config(cfg, _warmup_decay_json(), world_size=1)
+    sp = ds["scheduler"]["params"]
+    assert sp["warmup_type"] == "linear" and sp["warmup_num_steps"] == 5
+    assert sp["total_num_steps"] == 20
+
+    def curve(make) -> list[float]:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+        sch, lrs = make(opt), []
+        for _ in range(cfg.max_steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sch.step()
+        return lrs
+
+    groups = [{"params": [], "lr": cfg.learning_rate}]
+    from_json = configure_schedule(ds, groups, cfg)
+    assert "scheduler" not in ds  # run by us, not by DeepSpeed
+    no_json = configure_schedule(_ds(), groups, cfg)
+    hf = curve(lambda o: get_scheduler("linear", o, num_warmup_steps=5, num_training_steps=20))
+    assert curve(from_json) == pytest.approx(hf, abs=1e-12) == curve(no_json)
+    assert hf[0] == 0.0 and hf[5] == pytest.approx(cfg.learning_rate) and hf[-1] > 0
+    log = _warmup_decay_json()
+    log["scheduler"]["params"]["warmup_type"] = "log"
+    ds_log, _ = resolve_ds_config(cfg, log, world_size=1)
+    assert configure_schedule(ds_log, groups, cfg) is None and "scheduler" in ds_log
+    assert ds_log["scheduler"]["params"]["warmup_max_lr"] == [cfg.learning_rate]
+    # a non-linear schedule cannot come from that block
+    with pytest.raises(ConfigError, match="decays linearly, --lr_scheduler_type is 'cosine'"):
+        cosine = parse_config(BASE + ["--lr_scheduler_type", "cosine"])
+        resolve_ds_config(cosine, _warmup_decay_json(), world_size=1)
