@@ -70,7 +70,7 @@ def _stage1(root: Path, task: str, steps: int, ranks: int, fresh: bool) -> dict:
     # The artifact is rewritten at every new best, so only a run that reached its last step is
     # complete; anything else (an interrupted demo) is trained again.
     meta = json.loads((out / "tpv.json").read_text()) if (out / "tpv.json").is_file() else {}
-    if meta.get("steps") == steps and not fresh:
+    if meta.get("steps") == steps and meta.get("status", "complete") == "complete" and not fresh:
         print(f"  {task}: reusing {out}")
     else:
         if out.exists():

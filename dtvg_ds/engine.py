@@ -195,7 +195,8 @@ def configure_schedule(ds: dict[str, Any], groups: list[dict[str, Any]], cfg: Tr
                                          num_warmup_steps=warmup_steps(cfg),
                                          num_training_steps=cfg.max_steps)
     params = sch.setdefault("params", {})
-    if params.get("warmup_type") == "linear" and float(params.get("warmup_min_lr", 0)) == 0:
+    if (params.get("warmup_type") == "linear" and float(params.get("warmup_min_lr", 0)) == 0
+            and params.get("warmup_max_lr", "auto") == "auto"):  # per-group peaks, as ours
         ds.pop("scheduler")
         warm, total = int(params["warmup_num_steps"]), int(params["total_num_steps"])
         return lambda opt: get_scheduler("linear", opt, num_warmup_steps=warm,
@@ -383,8 +384,13 @@ def write_adapter(run: Run, out: Path) -> None:
         info(f"no adapter/ for an MPT source run; per task: python -m dtvg_ds.export to-peft {out} "
              "DIR --mpt_task TASK")
         return
-    adapter = export_peft(out, out / "adapter", model_name_or_path=run.model_path, overwrite=True)
-    run.tokenizer.save_pretrained(str(adapter))
+    try:
+        adapter = export_peft(out, out / "adapter", model_name_or_path=run.model_path,
+                              overwrite=True)
+        run.tokenizer.save_pretrained(str(adapter))
+    except Exception as e:  # noqa: BLE001  -- a convenience copy must never fail a finished run
+        info(f"WARNING: could not write {out / 'adapter'} ({type(e).__name__}: {e}); the "
+             f"artifact is complete: python -m dtvg_ds.export to-peft {out} DIR")
 
 
 def _micro_steps(run: Run, step: int, dev: torch.device) -> float:

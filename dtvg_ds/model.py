@@ -21,7 +21,10 @@ from dtvg_ds import dist, frozen_linear
 # Config keys that describe where/how a checkpoint was saved rather than the network itself.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
                          "architectures", "_commit_hash", "use_cache", "output_hidden_states",
-                         "output_attentions", "return_dict"}
+                         "output_attentions", "return_dict",
+                         # how the weights are stored, not which backbone: a prompt trained on
+                         # the NF4/int8 copy belongs to the same backbone
+                         "quantization_config"}
 
 
 class ModelLoadError(ValueError):

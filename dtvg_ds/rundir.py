@@ -30,8 +30,8 @@ ASIDE_PREFIX = ".replaced-"
 # checkpoint.py, memtrace.py, methods/dtvg.py, W&B, the sbatch scripts' shared-fs probe).
 OWNED = ("checkpoints", "metrics.jsonl", "groups.jsonl", "method.jsonl", "group_trace",
          "run_config.json", RUN_FILE, "prompt.safetensors", "tpv.json", "tensorboard", "wandb",
-         "wandb_run_id", "adapter", "memory.rank*.jsonl", ".*.tmp", ".slurm-shared-check.*",
-         f"{ASIDE_PREFIX}*")
+         "wandb_run_id", "adapter", "report", "memory.rank*.jsonl", ".*.tmp",
+         ".slurm-shared-check.*", ".dtvg_ds-write-probe-*", f"{ASIDE_PREFIX}*")
 # Settings a resumed run may change: how long it runs, how often it logs/evaluates/saves, where
 # logs go and how it is launched. Anything else changes what is being trained.
 MAY_CHANGE_ON_RESUME = frozenset({
@@ -39,8 +39,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "save_total_limit", "report_to", "trace_memory", "resume", "overwrite_output_dir",
     "output_dir", "eval_gather_backbone", "per_device_eval_batch_size", "fingerprint_every",
     "gradient_checkpointing", "cache_dir", "tokenized_cache", "config", "deepspeed",
-    "run_name", "ddp_timeout", "disable_tqdm", "debug",
-    "generation_max_length", "max_eval_samples"})
+    "run_name", "ddp_timeout", "disable_tqdm", "debug", "allow_in_progress_artifacts"})
 
 
 def owned(name: str) -> bool:
@@ -108,16 +107,43 @@ def prepare(cfg: TrainConfig) -> tuple[str, Path | None]:
             out.mkdir(parents=True, exist_ok=True)
             resume_state = _resume_state(cfg)
             aside = None
-            if resume_state is None and (cfg.overwrite_output_dir or cfg.resume):
-                aside = _move_aside(out, refuse_foreign=cfg.overwrite_output_dir)
-            run_id = _identity(out, cfg, resume_state)
+            if cfg.overwrite_output_dir:
+                aside = _move_aside(out)
+            elif cfg.resume == "auto" and resume_state is None:
+                _refuse_unresumable(out)  # only a run that never saved may be replaced
+                aside = _move_aside(out, refuse_foreign=False)
+            if cfg.resume and cfg.resume != "auto" and resume_state is None:
+                run_id = (read_run(out) or {}).get("run_id", "")  # find_resume says what is wrong
+            else:
+                run_id = _identity(out, cfg, resume_state)
             result = (run_id, str(aside) if aside else None, None)
         except ConfigError as e:
             result = (None, None, e.problems)
+        except Exception as e:  # noqa: BLE001  -- e.g. a full disk: tell every rank, not just this one
+            result = (None, None, [f"--output_dir {out}: {type(e).__name__}: {e}"])
     run_id, aside, problems = dist.broadcast_object(result)  # collective: rank 0 decided
     if problems:
         raise ConfigError(problems)
     return str(run_id), Path(aside) if aside else None
+
+
+def _refuse_unresumable(out: Path) -> None:
+    """`--resume auto` found nothing to resume: refuse if the dir still holds checkpoints (none
+    verifies) or a finished artifact, rather than starting over on top of them."""
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*")) if out.is_dir() else []
+    meta = {}
+    if (out / "tpv.json").is_file():
+        try:
+            meta = json.loads((out / "tpv.json").read_text())
+        except ValueError:
+            meta = {"status": "unreadable"}
+    done = bool(meta) and meta.get("status", "complete") != "in_progress"
+    if ckpts or done:
+        what = (f"checkpoints {', '.join(ckpts[-3:])} none of which verifies" if ckpts
+                else "a finished run's artifact (tpv.json)")
+        raise ConfigError([f"--resume auto: {out} holds {what}; nothing was changed. Pass "
+                           "--resume DIR for a specific checkpoint, --overwrite_output_dir to "
+                           "start over (the old run is moved aside first), or a new --output_dir"])
 
 
 def _identity(out: Path, cfg: TrainConfig, resume_state: dict[str, Any] | None) -> str:
@@ -165,6 +191,8 @@ def check_resume(state: dict[str, Any], cfg: TrainConfig,
 
 
 def finish_replacing(aside: Path | None) -> None:
-    """Rank 0, once the new run has taken its first step: delete the replaced run's files."""
+    """Rank 0, once the new run has taken its first step: delete the replaced run's files,
+    and those of any earlier replacement whose new run died before its first step."""
     if aside is not None and dist.is_main():
-        shutil.rmtree(aside, ignore_errors=True)
+        for old in aside.parent.glob(f"{ASIDE_PREFIX}*"):
+            shutil.rmtree(old, ignore_errors=True)

@@ -116,3 +116,46 @@ def test_task_aliases_are_one_task_to_stage_2(tmp_path):
                         str(tmp_path / "record"), str(tmp_path / "superglue-record")])
     with pytest.raises(ArtifactError, match="task 'superglue-record' is already given by"):
         load_inputs(cfg)
+
+
+def _cfg(out: Path, *flags: str):
+    return parse_config(["--task", "senti_a", "--output_dir", str(out), *flags])
+
+
+def test_a_wrong_resume_dir_moves_nothing(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000004").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text("{}\n")
+    before = sorted(p.name for p in out.iterdir())
+    run_id, aside = rundir.prepare(_cfg(out, "--resume", str(out / "checkpoints" / "step-9")))
+    assert aside is None and sorted(p.name for p in out.iterdir()) == before
+
+
+def test_resume_auto_refuses_unverifiable_checkpoints_and_finished_artifacts(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-00000004").mkdir(parents=True)  # no marker: does not verify
+    with pytest.raises(Exception, match="none of which verifies; nothing was changed"):
+        rundir.prepare(_cfg(out, "--resume", "auto"))
+    assert (out / "checkpoints" / "step-00000004").is_dir()
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "tpv.json").write_text(json.dumps({"status": "complete"}))
+    with pytest.raises(Exception, match="a finished run's artifact"):
+        rundir.prepare(_cfg(done, "--resume", "auto"))
+
+
+def test_resume_auto_replaces_a_run_that_never_saved(tmp_path):
+    """A requeued job whose first launch died before any checkpoint starts over; the unsaved
+    run's files go aside (foreign files stay), and every aside dir goes after the first step."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "tpv.json").write_text(json.dumps({"status": "in_progress"}))
+    (out / "notes.txt").write_text("mine")
+    (out / ".replaced-older").mkdir()  # left by a replacement whose new run died early
+    run_id, aside = rundir.prepare(_cfg(out, "--resume", "auto"))
+    assert aside is not None and sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl",
+                                                                            "tpv.json"]
+    assert (out / "notes.txt").read_text() == "mine" and _run_id(out) == run_id
+    rundir.finish_replacing(aside)
+    assert not list(out.glob(".replaced-*"))

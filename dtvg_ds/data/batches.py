@@ -253,8 +253,8 @@ def _read_cache(base: Path) -> Encoded | None:
                          t["source_offsets"])
         tgt = TokenTable(_map_ids(_sibling(base, ".target.i32"), meta["target_tokens"]),
                          t["target_offsets"])
-    except (OSError, ValueError, KeyError):
-        return None  # a torn or foreign entry: tokenise again
+    except Exception:  # noqa: BLE001  -- torn/foreign entry (SafetensorError is no ValueError)
+        return None  # tokenise again
     enc = Encoded(src, tgt, meta["target_text"], meta["references"], meta["groups"])
     ok = len(enc) == meta["n"] == len(tgt) and int(src.offsets[-1]) == src.ids.numel()
     return enc if ok else None

@@ -28,10 +28,12 @@ def build_method(cfg: TrainConfig, p_init: torch.Tensor, meta: dict[str, Any],
     if cfg.method == "dtvg":
         return DTVG(p_init, inputs, cfg)
     if cfg.method == "mpt_source":
+        from dtvg_ds.data.tasks import resolve_name
         from dtvg_ds.methods.mpt import MPTSource
 
-        order = {n: i for i, n in enumerate(cfg.task.split("+"))}
-        return MPTSource(p_init, sorted(inputs.sources, key=lambda a: order[a.name]), cfg)
+        order = {resolve_name(n): i for i, n in enumerate(cfg.task.split("+"))}
+        return MPTSource(p_init, sorted(inputs.sources, key=lambda a: order[resolve_name(a.name)]),
+                         cfg)
     if cfg.method == "mpt_target":
         from dtvg_ds.methods.mpt import MPTTarget
 

@@ -29,6 +29,7 @@ from dtvg_ds import dist, prompt_math
 from dtvg_ds.artifacts import PromptArtifact
 from dtvg_ds.config import TrainConfig
 from dtvg_ds.data import batches
+from dtvg_ds.data.tasks import resolve_name
 from dtvg_ds.methods.base import PromptMethod
 
 
@@ -60,7 +61,7 @@ class MPTSource(PromptMethod):
     def __init__(self, p_init: torch.Tensor, teachers: list[PromptArtifact], cfg: TrainConfig):
         super().__init__(p_init)
         r, d = p_init.shape
-        self.task_names = [t.name for t in teachers]
+        self.task_names = [resolve_name(t.name) for t in teachers]  # the records' task names
         self.task_index = {n: i for i, n in enumerate(self.task_names)}
         self.shared = nn.Parameter(p_init.clone())
         u, v = _factors(len(teachers), r, d, cfg.prompt_init_seed)
