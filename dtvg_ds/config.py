@@ -178,6 +178,10 @@ class TrainConfig:
 
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+EXIT_CODES = ("exit codes: 0 = done (prompt artifact and adapter written); 2 = user error (bad "
+              "flag, file, artifact or output dir; one 'error:' line each, nothing written); 3 = "
+              "stopped by SIGTERM/SIGUSR1 after writing a checkpoint (continue with --resume "
+              "auto); anything else = a crash (traceback; --debug for every rank's)")
 
 
 def warmup_steps(cfg: TrainConfig) -> int:
@@ -219,7 +223,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The CLI, generated from `TrainConfig`. Defaults are suppressed to know what was given."""
     p = _Parser(prog="launchers/train.py", description=__doc__.split("\n\n")[0],
-                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+                argument_default=argparse.SUPPRESS, allow_abbrev=False, epilog=EXIT_CODES)
     hints = typing.get_type_hints(TrainConfig)
     for f in _cli_fields():
         container, tp = _base_type(hints[f.name])

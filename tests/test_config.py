@@ -148,6 +148,8 @@ def test_help_works_without_launcher():
     p = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--help"],
                        capture_output=True, text=True)
     assert p.returncode == 0 and "--per_device_train_batch_size" in p.stdout
+    text = " ".join(p.stdout.split())
+    assert "exit codes: 0 = done" in text and "3 = stopped by SIGTERM/SIGUSR1" in text
 
 
 def test_misspelt_zero_key_is_named_before_launch():
