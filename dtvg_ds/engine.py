@@ -423,6 +423,23 @@ def _save(run: Run, step: int, best: Best) -> None:
                         best.tensors, run.cfg.save_total_limit)
 
 
+def _rates(run: Run, seconds: float) -> dict[str, float]:
+    """HF Trainer's names: learning_rate (and one per parameter group when there are several:
+    DTVG's prompt, a_t, a_s), grad_norm (clipping on), steps and samples per second."""
+    cfg = run.cfg
+    lrs = [float(x) for x in run.engine.get_lr()]
+    out = {"learning_rate": lrs[0], "lr": lrs[0]}  # "lr": the name older logs used
+    if len(lrs) > 1:
+        names = [g.get("name", str(i)) for i, g in enumerate(run.method.param_groups(cfg))]
+        out |= {f"learning_rate/{n}": lr for n, lr in zip(names, lrs, strict=False)}
+    norm = run.engine.get_global_grad_norm()
+    if norm is not None:
+        out["grad_norm"] = float(norm)
+    sps = cfg.logging_steps / max(seconds, 1e-9)
+    samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * dist.world_size()
+    return {**out, "steps_per_second": sps, "train_samples_per_second": sps * samples}
+
+
 def _evaluate(run: Run, logger: RunLogger, step: int) -> dict[str, Any]:
     """Score this step's prompt on the validation set (all ranks) and log it."""
     with run.mem.phase("evaluation", step=step):
@@ -491,8 +508,7 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
         if _every(cfg.logging_steps, step, cfg.max_steps):
             loss = sum(dist.gather_objects(loss_sum / loss_n)) / dist.world_size()  # collective
             now = time.time()
-            logger.log({"step": step, "loss": loss, "lr": engine.get_lr()[0],
-                        "steps_per_second": cfg.logging_steps / max(now - t_last, 1e-9),
+            logger.log({"step": step, "loss": loss, **_rates(run, now - t_last),
                         **method.loss_parts()})
             bar.set_postfix(loss=f"{loss:.4f}")
             loss_sum, loss_n, t_last = 0.0, 0, now

@@ -52,9 +52,10 @@ class RunLogger:
         scalars = {k: v for k, v in record.items()
                    if isinstance(v, int | float) and not isinstance(v, bool)
                    and k not in ("step", "time")}
-        if self.tb is not None:
+        if self.tb is not None:  # HF Trainer's tags: eval/<metric>, train/<anything else>
             for k, v in scalars.items():
-                self.tb.add_scalar(k, v, record["step"])
+                tag = f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"
+                self.tb.add_scalar(tag, v, record["step"])
         if self.wandb is not None and scalars:
             self.wandb.log(scalars, step=int(record["step"]))
 

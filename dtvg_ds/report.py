@@ -42,7 +42,7 @@ EXCLUDED, CANDIDATE, IN_GROUP = 0, 1, 2
 STATE_COLORS = ("#eeeeee", "#9ecae1", "#08519c")
 STATE_LABELS = ("excluded (TS below threshold)", "TS above threshold, not chosen", "in the group")
 # Eval record keys that are bookkeeping, not task metrics.
-_NOT_METRICS = {"eval_seconds", "eval_samples_per_second", "eval_backbone_resident",
+_NOT_METRICS = {"eval_seconds", "eval_runtime", "eval_samples_per_second", "eval_backbone_resident",
                 "eval_average"}
 
 

@@ -35,6 +35,14 @@ def test_loss_falls_and_logs_once_on_rank0(stage1):
     assert [r["step"] for r in evals] == [15, 30]
     assert all(0 <= r["eval_accuracy"] <= 100 for r in evals)
     assert (out / "tensorboard").is_dir()
+    # HF Trainer's names in the JSONL and its train/ eval/ tags in TensorBoard
+    last = [r for r in recs if "loss" in r][-1]
+    for key in ("learning_rate", "grad_norm", "train_samples_per_second"):
+        assert key in last, key
+    assert last["train_samples_per_second"] == pytest.approx(8 * last["steps_per_second"])
+    assert all("eval_runtime" in r for r in evals)
+    events = b"".join(p.read_bytes() for p in (out / "tensorboard").glob("events.*"))
+    assert b"train/loss" in events and b"eval/accuracy" in events
 
 
 def test_task_prompt_vector_artifact(stage1, tiny_model):
