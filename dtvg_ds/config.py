@@ -56,6 +56,9 @@ class TrainConfig:
     deepspeed: str = _f("ds_configs/zero3.json", "DeepSpeed JSON config")
     config: str = _f("", "optional YAML file of these settings; CLI flags override it")
     data_dir: str = _f("", "read the task from local json/jsonl/csv/parquet files in this dir")
+    metric: str = _f("", "your own --data_dir task: accuracy (default), accuracy_f1, "
+                         "accuracy_macro_f1, matthews, pearson_spearman, squad (F1/EM) or nlg "
+                         "(BLEU/ROUGE/METEOR)")
     cache_dir: str = _f(".cache", "where the demo backbone and tokenised data are cached")
     overwrite_output_dir: bool = _f(False, "allow writing into a non-empty output_dir")
     resume: str = _f("", "'auto' (newest checkpoint in output_dir) or a checkpoint dir",

@@ -250,7 +250,7 @@ def setup(cfg: TrainConfig) -> Run:
     inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
     check_backbone_source(cfg.model_name_or_path, inputs)  # exists; artifacts' backbone
     task = (MixtureTask(cfg.task.split(MIX_SEPARATOR), cfg.data_dir, cfg.mixture_cap)
-            if is_mixture(cfg.task) else get_task(cfg.task, cfg.data_dir))
+            if is_mixture(cfg.task) else get_task(cfg.task, cfg.data_dir, cfg.metric))
     train_recs = task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
                            k_shot=cfg.k_shot)  # empty data, k_shot > data: fail before init
     valid_recs = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)

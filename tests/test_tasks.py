@@ -784,3 +784,14 @@ def test_script_datasets_fall_back_to_the_parquet_export(monkeypatch: pytest.Mon
     assert calls == [{"path": "allenai/common_gen", "name": None, "split": "validation"},
                      {"path": "allenai/common_gen", "name": None, "split": None,
                       "revision": "refs/convert/parquet", "data_dir": "default"}]
+
+
+def test_own_data_task_takes_a_metric(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.jsonl").write_text('{"source": "q: a", "target": "b"}\n')
+    assert get_task("mine", str(tmp_path)).metric == "accuracy"
+    assert get_task("mine", str(tmp_path), "squad").metric == "squad"
+    with pytest.raises(TaskError, match="--metric 'bleu': choose one of accuracy"):
+        get_task("mine", str(tmp_path), "bleu")
+    with pytest.raises(TaskError, match="--metric is for your own --data_dir tasks"):
+        get_task("rte", "", "squad")

@@ -376,15 +376,23 @@ def resolve_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def get_task(name: str, data_dir: str = "") -> Task:
-    """The registered task (or alias), or a generic source/target task over `--data_dir` files."""
+def get_task(name: str, data_dir: str = "", metric: str = "") -> Task:
+    """The registered task (or alias), or a generic source/target task over `--data_dir` files
+    scored with `metric` (default accuracy; registered tasks keep their own)."""
     name = resolve_name(name)
     if name in TASKS:
+        if metric and metric != TASKS[name].metric:
+            raise TaskError(f"--metric {metric}: task {name!r} is scored with "
+                            f"{TASKS[name].metric!r}; --metric is for your own --data_dir tasks")
         return TASKS[name]
     if data_dir:
         if not Path(data_dir).is_dir():
             raise TaskError(f"--data_dir {data_dir}: no such directory")
-        return Task(name=name, metric="accuracy", hub_id=f"local:{data_dir}",
+        from dtvg_ds.data.metrics import METRICS
+
+        if metric and metric not in METRICS:
+            raise TaskError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}")
+        return Task(name=name, metric=metric or "accuracy", hub_id=f"local:{data_dir}",
                     splits=PAPER_SPLITS, description="local source/target files")
     raise TaskError(f"unknown task {name!r}; known: {', '.join(TASKS)} "
                     "(or pass --data_dir with source/target files)")
