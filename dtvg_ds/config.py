@@ -376,11 +376,26 @@ def validate(cfg: TrainConfig) -> list[str]:
 # DeepSpeed JSON reconciliation
 # ----------------------------------------------------------------------------------------------
 
+SHIPPED_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def ds_config_path(name_or_path: str) -> Path:
+    """`--deepspeed` as given, or a shipped config by name: `zero3` -> ds_configs/zero3.json."""
+    p = Path(name_or_path)
+    if p.is_file() or p.suffix or "/" in name_or_path:
+        return p
+    shipped = SHIPPED_DS_CONFIGS / f"{name_or_path}.json"
+    return shipped if shipped.is_file() else p
+
+
 def read_ds_config(path: str) -> dict[str, Any]:
-    """Load a DeepSpeed JSON file with a clear error for a missing or malformed file."""
-    p = Path(path)
+    """Load a DeepSpeed JSON file (or a shipped one by name) with a clear error for a missing or
+    malformed file."""
+    p = ds_config_path(path)
     if not p.is_file():
-        raise ConfigError([f"--deepspeed {path}: no such file; pass e.g. ds_configs/zero3.json"])
+        names = ", ".join(sorted(q.stem for q in SHIPPED_DS_CONFIGS.glob("*.json")))
+        raise ConfigError([f"--deepspeed {path}: no such file; pass a JSON path or a shipped "
+                           f"config by name ({names})"])
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -524,10 +524,13 @@ def render(p: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dtvg_ds.plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True,
+    # The training flags' names; --model and --config are the older spellings.
+    ap.add_argument("--model_name_or_path", "--model", dest="model", required=True,
                     help=f"Hub id, local model dir, or a preset: {', '.join(PRESETS)}")
     ap.add_argument("--world_size", type=int, required=True, help="total ranks (GPUs)")
-    ap.add_argument("--config", required=True, help="DeepSpeed JSON, e.g. ds_configs/zero3.json")
+    ap.add_argument("--deepspeed", "--config", dest="config", required=True,
+                    help="DeepSpeed JSON (e.g. ds_configs/zero3.json) or a shipped one by name "
+                         "(zero3)")
     ap.add_argument("--num_virtual_tokens", type=int, default=100)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--method", choices=["pt", "dtvg"], default="pt")
@@ -550,7 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
     try:
-        ds = json.loads(Path(a.config).read_text())
+        from dtvg_ds.config import ConfigError, read_ds_config
+
+        try:
+            ds = read_ds_config(a.config)
+        except ConfigError as e:
+            raise PlanError(e.problems[0]) from None
         cfg, preset = load_config(a.model, not a.no_presets)
         out = plan(cfg, a.world_size, ds, a.num_virtual_tokens, a.bf16, a.method, a.num_sources,
                    quantize=a.quantize, quant_storage=a.bnb_4bit_quant_storage,

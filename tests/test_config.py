@@ -224,3 +224,9 @@ def test_warmup_decay_json_gives_the_same_curve_as_get_scheduler():
     with pytest.raises(ConfigError, match="decays linearly, --lr_scheduler_type is 'cosine'"):
         cosine = parse_config(BASE + ["--lr_scheduler_type", "cosine"])
         resolve_ds_config(cosine, _warmup_decay_json(), world_size=1)
+
+
+def test_shipped_deepspeed_config_by_name():
+    assert read_ds_config("zero3") == read_ds_config(str(ROOT / "ds_configs" / "zero3.json"))
+    with pytest.raises(ConfigError, match="a shipped config by name .*zero2, zero2_8bit, zero3"):
+        read_ds_config("zero4")

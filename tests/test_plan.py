@@ -166,6 +166,13 @@ def test_cli_text_and_json(capsys, tiny_model):
     assert P.main(["--model", str(tiny_model / "nope"), "--world_size", "2", "--config",
                    str(ROOT / "ds_configs" / "zero3.json")]) == 2
     assert "could not read its config" in capsys.readouterr().err
+    # the training command's flag names, and a shipped DeepSpeed config by name
+    assert P.main(["--model_name_or_path", "google/flan-t5-xl", "--world_size", "8",
+                   "--deepspeed", "zero3", "--bf16"]) == 0
+    assert "backbone partition" in capsys.readouterr().out
+    assert P.main(["--model_name_or_path", "google/flan-t5-xl", "--world_size", "8",
+                   "--deepspeed", "zero9"]) == 2
+    assert "a shipped config by name" in capsys.readouterr().err
 
 
 @pytest.mark.dist
