@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         helptext = f"{f.metadata['help']} (default: {default})"
         if tp is bool:
             p.add_argument(*names, dest=f.name, nargs="?", const=True, type=_str2bool, help=helptext)
+            p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
+                           help=argparse.SUPPRESS)  # HF-style negation: --no_tokenized_cache
         elif container is list:
             p.add_argument(*names, dest=f.name, nargs="+", type=tp, help=helptext)
         else:

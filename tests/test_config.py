@@ -230,3 +230,9 @@ def test_shipped_deepspeed_config_by_name():
     assert read_ds_config("zero3") == read_ds_config(str(ROOT / "ds_configs" / "zero3.json"))
     with pytest.raises(ConfigError, match="a shipped config by name .*zero2, zero2_8bit, zero3"):
         read_ds_config("zero4")
+
+
+def test_booleans_take_no_prefix():
+    cfg = parse_config(BASE + ["--no_tokenized_cache", "--bf16", "--no_bf16"])
+    assert cfg.tokenized_cache is False and cfg.bf16 is False
+    assert "tokenized_cache" in cfg.explicit
