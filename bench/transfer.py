@@ -277,6 +277,22 @@ def explain_table(summary: dict[str, Any], t: str) -> list[str]:
     return lines
 
 
+def timeline(summary: dict[str, Any], t: str) -> list[str]:
+    """The group over steps of the DTVG run of `t` whose group changed most (all k, seeds)."""
+    best = None
+    for key, rec in summary["cells"].items():
+        d = rec.get("dtvg")
+        if key.startswith(f"{t}|") and isinstance(d, dict) and "groups" in d:
+            if best is None or d["groups"]["changes"] > best[1]["groups"]["changes"]:
+                best = (key, d)
+    if best is None or not best[1]["groups"]["changes"]:
+        return ["No DTVG run of this target changed its group."]
+    _, k, seed = best[0].split("|")
+    steps = [f"step {st}: {{{', '.join(g) or '∅'}}}" for st, g in best[1]["groups"]["timeline"]]
+    return [f"Group over time of the run that regrouped most (k = {k}, seed {seed}, "
+            f"{best[1]['groups']['changes']} changes): " + "; ".join(steps) + "."]
+
+
 def membership_table(summary: dict[str, Any], t: str) -> list[str]:
     ks, seeds = summary["settings"]["ks"], summary["settings"]["seeds"]
     lines = ["| source | relation | " + " | ".join(f"in group, k = {k}" for k in ks)
@@ -366,7 +382,7 @@ def report(summary: dict[str, Any], command: str, plotted: bool) -> str:
                   "Which sources DTVG grouped (fraction of steps, mean over seeds):", "",
                   *membership_table(summary, t), "",
                   "What the logs say (DTVG, released rule; `groups.jsonl` and the step-0 "
-                  "evaluation):", "", *explain_table(summary, t), ""]
+                  "evaluation):", "", *explain_table(summary, t), "", *timeline(summary, t), ""]
     return "\n".join(lines) + "\n"
 
 
