@@ -68,6 +68,9 @@ class TrainConfig:
     ddp_timeout: int = _f(1800, "seconds a rank waits in a collective for its peers before the "
                                 "job fails (a dead or hung rank)")
     disable_tqdm: bool = _f(False, "no progress bar (SLURM logs); the JSONL log is unchanged")
+    log_level: str = _f("info", "debug|info|warning|error for dtvg_ds's messages on rank 0 (other "
+                                "ranks: warnings and errors only)")
+    log_on_each_node: bool = _f(False, "every rank logs at --log_level, tagged with its rank")
     seed: int = _f(42, "training seed (data order, dropout)")
     stop_at_step: int = _f(0, "checkpoint and stop at this step as if interrupted (0 = off); "
                               "for time-boxed jobs: resume later with --resume auto")
@@ -311,6 +314,8 @@ def validate(cfg: TrainConfig) -> list[str]:
             probs.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
     if cfg.learning_rate <= 0:
         probs.append(f"--learning_rate must be > 0 (got {cfg.learning_rate})")
+    if cfg.log_level not in ("debug", "info", "warning", "error"):
+        probs.append(f"--log_level {cfg.log_level!r}: choose debug, info, warning or error")
     if cfg.lr_scheduler_type not in SCHEDULERS:
         probs.append(f"--lr_scheduler_type {cfg.lr_scheduler_type!r}: choose one of "
                      f"{', '.join(SCHEDULERS)}")

@@ -35,7 +35,7 @@ from dtvg_ds.data import batches
 from dtvg_ds.data.mixtures import MIX_SEPARATOR, MixtureTask, is_mixture
 from dtvg_ds.data.tasks import Task, get_task
 from dtvg_ds.evaluation import evaluate, metric_name
-from dtvg_ds.logs import RunLogger, info, progress
+from dtvg_ds.logs import RunLogger, configure_logging, info, progress
 from dtvg_ds.methods import build_method, load_inputs
 from dtvg_ds.methods.base import PromptMethod
 from dtvg_ds.model import (
@@ -256,6 +256,7 @@ def setup(cfg: TrainConfig) -> Run:
     valid_recs = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)
     clock.mark("checks_and_data_read")
     dist.init(cfg.ddp_timeout / 60)
+    configure_logging(cfg.log_level, cfg.log_on_each_node)  # now that ranks are known
     clock.mark("process_group")
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")

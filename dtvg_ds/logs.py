@@ -6,6 +6,7 @@ Every rank may call these; only rank 0 writes or draws, so logs never interleave
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -14,11 +15,41 @@ from typing import Any
 
 from dtvg_ds import dist
 
+LOGGER = logging.getLogger("dtvg_ds")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Stdout(logging.Handler):
+    """To whatever sys.stdout is at the time (test capture, redirection), flushed per line so
+    SLURM logs show every line as it happens."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001  -- logging must never take a run down
+            self.handleError(record)
+
+
+def configure_logging(level: str = "info", on_each_node: bool = False) -> None:
+    """Python logging for the `dtvg_ds` logger: rank 0 logs at `level` (HF Trainer's
+    --log_level); the other ranks only warnings and errors, unless `on_each_node`
+    (--log_on_each_node), when every rank logs at `level` with a `rank N` tag."""
+    every = on_each_node and dist.world_size() > 1
+    handler = _Stdout()
+    tag = f"[dtvg_ds rank {dist.rank()}]" if every else "[dtvg_ds]"
+    handler.setFormatter(logging.Formatter(f"{tag} %(message)s"))
+    LOGGER.handlers[:] = [handler]
+    LOGGER.propagate = False
+    loud = dist.is_main() or every
+    LOGGER.setLevel(getattr(logging, level.upper()) if loud else logging.WARNING)
+
 
 def info(msg: str) -> None:
-    """Print a line on rank 0."""
-    if dist.is_main():
-        print(f"[dtvg_ds] {msg}", flush=True)
+    """Log a line at INFO (by default shown on rank 0 only)."""
+    if not LOGGER.handlers:
+        configure_logging()
+    LOGGER.info(msg)
 
 
 class RunLogger:

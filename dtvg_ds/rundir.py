@@ -39,7 +39,8 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "save_total_limit", "report_to", "trace_memory", "resume", "overwrite_output_dir",
     "output_dir", "eval_gather_backbone", "per_device_eval_batch_size", "fingerprint_every",
     "gradient_checkpointing", "cache_dir", "tokenized_cache", "config", "deepspeed",
-    "run_name", "ddp_timeout", "disable_tqdm", "debug", "allow_in_progress_artifacts"})
+    "run_name", "ddp_timeout", "disable_tqdm", "debug", "allow_in_progress_artifacts",
+    "log_level", "log_on_each_node"})
 
 
 def owned(name: str) -> bool:

@@ -236,3 +236,21 @@ def test_booleans_take_no_prefix():
     cfg = parse_config(BASE + ["--no_tokenized_cache", "--bf16", "--no_bf16"])
     assert cfg.tokenized_cache is False and cfg.bf16 is False
     assert "tokenized_cache" in cfg.explicit
+
+
+def test_python_logging_levels(capsys):
+    import logging
+
+    from dtvg_ds import logs
+
+    logs.configure_logging("warning")
+    logs.info("quiet")
+    logs.LOGGER.warning("loud")
+    out = capsys.readouterr().out
+    assert "quiet" not in out and "[dtvg_ds] loud" in out
+    logs.configure_logging("info")
+    logs.info("hello")
+    assert capsys.readouterr().out == "[dtvg_ds] hello\n"
+    assert logs.LOGGER.level == logging.INFO
+    with pytest.raises(ConfigError, match="--log_level 'chatty'"):
+        parse_config(BASE + ["--log_level", "chatty"])
