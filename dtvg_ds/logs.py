@@ -66,10 +66,13 @@ class RunLogger:
         if "tensorboard" in sinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from dtvg_ds.config import ConfigError
 
-                self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-            except ImportError:  # TensorBoard is optional
-                self.tb = None
+                raise ConfigError(["--report_to tensorboard needs the tensorboard package (a "
+                                   "dependency of dtvg_ds): pip install tensorboard, or pass "
+                                   "--report_to none"]) from None
+            self.tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
         if "wandb" in sinks:
             self.wandb = _start_wandb(Path(out_dir), config or {})
 

@@ -517,6 +517,10 @@ def _save(fig: Any, path: Path) -> Path:
 
 def write_report(output_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Draw every figure the run supports into `out` (default `<output_dir>/report`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ReportError("the figures need matplotlib: pip install 'dtvg_ds[report]'")
     run = load_run(output_dir)
     dest = Path(out) if out else run.path / "report"
     written = [_save(figure_training(run), dest / "training.png")]
