@@ -126,6 +126,10 @@ class TrainConfig:
 
     # --- evaluation, logging, checkpoints ---
     eval_steps: int = _f(100, "evaluate by generation every N steps (0 = only at the end)")
+    metric_for_best_model: str = _f("", "the evaluation number that picks the best prompt, e.g. "
+                                        "accuracy, f1, average (default: the task's primary "
+                                        "metric, as the papers select)")
+    greater_is_better: bool = _f(True, "with --metric_for_best_model: larger is better")
     eval_on_start: bool = _f(False, "also evaluate before the first step (logged as step 0, never "
                                     "chosen as the best prompt; DTVG: the step-0 merge)")
     save_steps: int = _f(100, "checkpoint every N steps (0 = only at the end)")

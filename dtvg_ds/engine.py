@@ -366,7 +366,7 @@ def export(run: Run, best: Best, steps: int, final: bool = False) -> Path:
         extra = {k: v for k, v in best.tensors.items() if k != "prompt"}
         meta = {**run.meta, "method": run.method.name, "steps": steps,
                 "status": artifacts.COMPLETE if final else artifacts.IN_PROGRESS,
-                "best_metric": artifacts.best_metric(metric_name(run.task), best.score, best.step),
+                "best_metric": artifacts.best_metric(*_best_value(run, best), best.step),
                 "extra": {"metrics": best.metrics, **run.method.artifact_meta()}}
         artifacts.save_artifact(out, best.tensors["prompt"], run.method.p_init, meta, extra)
         if final:
@@ -422,6 +422,27 @@ def _save(run: Run, step: int, best: Best) -> None:
                          "best_metrics": best.metrics, "method_state": run.method.extra_state(),
                          "run_id": run.run_id, "config": run.cfg.to_dict()},
                         best.tensors, run.cfg.save_total_limit)
+
+
+def _selection(run: Run, res: dict[str, Any]) -> float:
+    """What picks the best prompt, larger = better: the task's primary metric, or
+    --metric_for_best_model (negated when not --greater_is_better)."""
+    name = run.cfg.metric_for_best_model.removeprefix("eval_")
+    if not name:
+        return float(res["score"])
+    if name not in res:
+        known = sorted(k for k, v in res.items() if isinstance(v, int | float))
+        raise ConfigError([f"--metric_for_best_model {run.cfg.metric_for_best_model}: this task's "
+                           f"evaluation reports {', '.join(known)}; pick one of them"])
+    return float(res[name]) if run.cfg.greater_is_better else -float(res[name])
+
+
+def _best_value(run: Run, best: Best) -> tuple[str, float]:
+    """(metric name, its value) of the best prompt, as the user reads it."""
+    name = run.cfg.metric_for_best_model.removeprefix("eval_")
+    if not name:
+        return metric_name(run.task), best.score
+    return name, float(best.metrics.get(name, math.nan))
 
 
 def _rates(run: Run, seconds: float) -> dict[str, float]:
@@ -515,8 +536,8 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
             loss_sum, loss_n, t_last = 0.0, 0, now
         if _every(cfg.eval_steps, step, cfg.max_steps):
             res = _evaluate(run, logger, step)
-            if res["score"] > best.score:  # keep the best prompt (all ranks hold the same)
-                best = Best(res["score"], step, res, _best_tensors(method))
+            if _selection(run, res) > best.score:  # keep the best prompt (all ranks hold it)
+                best = Best(_selection(run, res), step, res, _best_tensors(method))
                 export(run, best, step)
         preempted = dist.any_rank(stop_signal.signum is not None)  # collective: 4 bytes
         stopping = step == cfg.stop_at_step or preempted
@@ -536,10 +557,10 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
     if not best.tensors:  # resumed at max_steps, or eval never ran: export the current prompt
         best = Best(best.score, step, best.metrics, _best_tensors(method))
     out = export(run, best, step, final=True)
-    summary = {"output_dir": str(out), "best_score": best.score, "best_step": best.step,
-               "metric": metric_name(run.task), "best_metrics": best.metrics, "steps": step}
-    info(f"done: {cfg.task} best {metric_name(run.task)} {best.score:.2f} at step {best.step}; "
-         f"prompt artifact in {out}")
+    name, value = _best_value(run, best)
+    summary = {"output_dir": str(out), "best_score": value, "best_step": best.step,
+               "metric": name, "best_metrics": best.metrics, "steps": step}
+    info(f"done: {cfg.task} best {name} {value:.2f} at step {best.step}; prompt artifact in {out}")
     return summary
 
 

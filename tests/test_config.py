@@ -254,3 +254,23 @@ def test_python_logging_levels(capsys):
     assert logs.LOGGER.level == logging.INFO
     with pytest.raises(ConfigError, match="--log_level 'chatty'"):
         parse_config(BASE + ["--log_level", "chatty"])
+
+
+def test_metric_for_best_model_selects_and_reports():
+    from types import SimpleNamespace
+
+    from dtvg_ds.data.tasks import get_task
+    from dtvg_ds.engine import Best, _best_value, _selection
+
+    res = {"score": 80.0, "accuracy": 80.0, "f1": 70.0, "average": 75.0}
+    run = SimpleNamespace(cfg=parse_config(BASE), task=get_task("senti_a"))
+    assert _selection(run, res) == 80.0
+    assert _best_value(run, Best(80.0, 3, res)) == ("accuracy", 80.0)
+    run.cfg = parse_config(BASE + ["--metric_for_best_model", "eval_f1"])
+    assert _selection(run, res) == 70.0
+    assert _best_value(run, Best(70.0, 3, res)) == ("f1", 70.0)
+    run.cfg = parse_config(BASE + ["--metric_for_best_model", "f1", "--no_greater_is_better"])
+    assert _selection(run, res) == -70.0  # lower is better: the larger key wins
+    run.cfg = parse_config(BASE + ["--metric_for_best_model", "bleu"])
+    with pytest.raises(ConfigError, match="reports accuracy, average, f1, score; pick one"):
+        _selection(run, res)
