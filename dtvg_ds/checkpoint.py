@@ -196,9 +196,12 @@ def _save_rng(d: Path) -> None:
     from safetensors.torch import save
 
     k = dist.rank()
+    from deepspeed.accelerator import get_accelerator
+
     tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":  # the device's own generator (CUDA, XPU, NPU, ...)
+        tensors["device"] = acc.get_rng_state()
     atomic_write_bytes(d / f"rng_rank{k}.safetensors", save(tensors))
     version, state, gauss = random.getstate()
     atomic_write_json(d / f"rng_rank{k}.json", {"python": [version, list(state), gauss]})
@@ -212,9 +215,13 @@ def _load_rng(d: Path) -> None:
     if not f.is_file():
         raise CheckpointError(f"{f}: missing; was this checkpoint written with another world size?")
     tensors = load(f.read_bytes())
+    from deepspeed.accelerator import get_accelerator
+
     torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["cuda"])
+    acc = get_accelerator()
+    device_state = tensors.get("device", tensors.get("cuda"))  # "cuda": older checkpoints
+    if device_state is not None and acc.device_name() != "cpu":
+        acc.set_rng_state(device_state)
     version, state, gauss = json.loads((d / f"rng_rank{k}.json").read_text())["python"]
     random.setstate((version, tuple(state), gauss))
 
