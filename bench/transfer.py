@@ -277,6 +277,20 @@ def explain_table(summary: dict[str, Any], t: str) -> list[str]:
     return lines
 
 
+def sanity(summary: dict[str, Any], t: str) -> list[str]:
+    """The target-only run's step-0 prompt is the stage-1 artifact itself: same accuracy."""
+    same, n = 0, 0
+    for key, rec in summary["cells"].items():
+        d = rec.get("target_only")
+        if key.startswith(f"{t}|") and isinstance(d, dict) and rec.get("stage1") is not None:
+            acc0 = [v for st, v in d["curve"] if st == 0]
+            if acc0:
+                n += 1
+                same += abs(acc0[0] - rec["stage1"]) < 1e-9
+    return [f"Check: the target-only ablation's step-0 prompt (P_init + T_t) scores exactly the "
+            f"stage-1 artifact's best accuracy in {same} of {n} runs."] if n else []
+
+
 def timeline(summary: dict[str, Any], t: str) -> list[str]:
     """The group over steps of the DTVG run of `t` whose group changed most (all k, seeds)."""
     best = None
@@ -382,7 +396,8 @@ def report(summary: dict[str, Any], command: str, plotted: bool) -> str:
                   "Which sources DTVG grouped (fraction of steps, mean over seeds):", "",
                   *membership_table(summary, t), "",
                   "What the logs say (DTVG, released rule; `groups.jsonl` and the step-0 "
-                  "evaluation):", "", *explain_table(summary, t), "", *timeline(summary, t), ""]
+                  "evaluation):", "", *explain_table(summary, t), "", *timeline(summary, t), "",
+                  *sanity(summary, t), ""]
     return "\n".join(lines) + "\n"
 
 
