@@ -19,6 +19,7 @@ from dtvg_ds.prompt_math import (
     pairwise_sim,
     scale_rows,
     select_group,
+    select_group_scaled,
     sim,
     spot_similarity,
     target_similarity,
@@ -620,3 +621,25 @@ def test_distill_hidden_gradient_and_detach():
     assert te.grad is None
     with pytest.raises(ValueError):
         distill_hidden_loss(s, te[:, :, :1])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_grouping_on_pooled_rows_equals_the_definition(seed):
+    """DTVG groups on mean_rows(a (.) T) = a @ T / r; it must equal select_group on the scaled
+    [r, d] matrices at per-token scales far from 1 (negative ones included)."""
+    g = torch.Generator().manual_seed(seed)
+    r, d, n = 7, 5, 6
+    base = torch.randn(d, generator=g, dtype=F64)
+    t_t = base + 0.8 * torch.randn(r, d, generator=g, dtype=F64)
+    sign = torch.tensor([1.0, 1.0, -1.0, 1.0, -1.0, 0.5], dtype=F64)[:, None, None]
+    t_s = sign * base + 0.8 * torch.randn(n, r, d, generator=g, dtype=F64)
+    a_t = 3 * torch.randn(r, generator=g, dtype=F64)
+    a_s = 3 * torch.randn(n, r, generator=g, dtype=F64)
+    for lam in (0.0, 0.5):
+        want = select_group(scale_rows(a_t, t_t), scale_rows(a_s, t_s), 0.0, lam)
+        got = select_group_scaled(a_t, t_t, a_s, t_s, 0.0, lam)
+        torch.testing.assert_close(got.ts, want.ts, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got.kc, want.kc, rtol=1e-10, atol=1e-12)
+        assert (got.positive, got.k, got.group) == (want.positive, want.k, want.group)
+    with pytest.raises(ValueError, match="do not match"):
+        select_group_scaled(a_t[:3], t_t, a_s, t_s)

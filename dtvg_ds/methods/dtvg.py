@@ -74,14 +74,11 @@ class DTVG(PromptMethod):
     def _decide(self) -> dict[str, Any]:
         """Rank 0 only: the group from this replica's scaled vectors, as a log record."""
         with torch.no_grad():
-            # sim() depends on a matrix only through its mean row, so grouping on the pooled
-            # rows mean(a (.) T) = a @ T / r (as 1 x d matrices) is exact and avoids building
-            # the n x r x d scaled copies: 20x cheaper at r = 100, d = 4096 (bench/grouping_cost).
-            r = self.p_init.shape[0]
-            a_t, a_s = self.scale_target.float().cpu(), self.scale_sources.float().cpu()
-            u_t = (a_t @ (self.prompt.float().cpu() - self.p_init) / r)[None]
-            u_s = (torch.einsum("nr,nrd->nd", a_s, self.source_vectors) / r)[:, None]
-            res = prompt_math.select_group(u_t, u_s, self.threshold, self.group_lambda)
+            t_t = self.prompt.detach().float().cpu() - self.p_init
+            res = prompt_math.select_group_scaled(
+                self.scale_target.detach().float().cpu(), t_t,
+                self.scale_sources.detach().float().cpu(), self.source_vectors,
+                self.threshold, self.group_lambda)
             names = self.source_names
             group = {"none": res.group, "fixed_group": res.group, "no_kc": res.positive,
                      "target_only": [], "all_sources": list(range(len(names)))}[self.ablation]
