@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -136,3 +137,35 @@ def _release_deepspeed_shm():
     if shm.is_dir():
         for f in set(shm.glob("deepspeed_*")) - before:
             f.unlink(missing_ok=True)
+
+
+def p_init_of(model_dir):
+    """(P_init of r = 8 on the tiny model, its backbone fingerprint), as training computes them."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from dtvg_ds.model import backbone_fingerprint, init_prompt
+
+    bb = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    return init_prompt(bb, 8, "vocab", 0), backbone_fingerprint(bb.config)
+
+
+def make_tpvs(model_dir, root):
+    """Stage-1 artifacts with a known right group, shared by the DTVG/SPoT/report/SLURM tests.
+    Target along +v; a, b along +v (a more); c along -v; d mostly -v plus noise."""
+    from dtvg_ds.artifacts import save_artifact
+
+    p_init, fp = p_init_of(model_dir)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(64, generator=g)
+    rows = torch.ones(8, 1)
+    vectors = {"target_t": 0.10 * rows * v, "src_a": 0.09 * rows * v, "src_b": 0.05 * rows * v,
+               "src_c": -0.10 * rows * v,
+               "src_d": -0.05 * rows * v + 0.02 * torch.randn(8, 64, generator=g)}
+    paths = {}
+    for name, vec in vectors.items():
+        paths[name] = root / name
+        save_artifact(paths[name], p_init + vec, p_init, {
+            "task": name, "backbone": str(model_dir), "backbone_fingerprint": fp,
+            "init_method": "vocab", "init_seed": 0, "steps": 1, "method": "pt",
+            "best_metric": {"name": "accuracy", "value": 50.0, "step": 1}})
+    return paths, vectors

@@ -44,7 +44,7 @@ def _env(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tpvs(tiny_model, tmp_path_factory):
-    from tests.test_dtvg_dist import make_tpvs
+    from tests.conftest import make_tpvs
 
     return make_tpvs(tiny_model, tmp_path_factory.mktemp("tpvs"))[0]
 

@@ -11,37 +11,9 @@ import torch
 from dtvg_ds.artifacts import ArtifactError, load_artifact, save_artifact
 from dtvg_ds.config import parse_config
 from dtvg_ds.methods.inputs import check_against_run, load_inputs
-from tests.conftest import ROOT, launch, read_jsonl, train_args
+from tests.conftest import ROOT, launch, make_tpvs, p_init_of, read_jsonl, train_args
 
 TRAIN = ROOT / "launchers" / "train.py"
-
-
-def _p_init(model_dir):
-    from transformers import AutoModelForSeq2SeqLM
-
-    from dtvg_ds.model import backbone_fingerprint, init_prompt
-
-    bb = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
-    return init_prompt(bb, 8, "vocab", 0), backbone_fingerprint(bb.config)
-
-
-def make_tpvs(model_dir, root):
-    """Target along +v; a, b along +v (a more); c along -v; d mostly -v plus noise."""
-    p_init, fp = _p_init(model_dir)
-    g = torch.Generator().manual_seed(0)
-    v = torch.randn(64, generator=g)
-    rows = torch.ones(8, 1)
-    vectors = {"target_t": 0.10 * rows * v, "src_a": 0.09 * rows * v, "src_b": 0.05 * rows * v,
-               "src_c": -0.10 * rows * v,
-               "src_d": -0.05 * rows * v + 0.02 * torch.randn(8, 64, generator=g)}
-    paths = {}
-    for name, vec in vectors.items():
-        paths[name] = root / name
-        save_artifact(paths[name], p_init + vec, p_init, {
-            "task": name, "backbone": str(model_dir), "backbone_fingerprint": fp,
-            "init_method": "vocab", "init_seed": 0, "steps": 1, "method": "pt",
-            "best_metric": {"name": "accuracy", "value": 50.0, "step": 1}})
-    return paths, vectors
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +122,7 @@ def test_input_validation_messages(tpvs, tmp_path, tiny_model):
     cfg = _cfg(paths, paths["src_a"])
     inputs = load_inputs(cfg)
     assert cfg.num_virtual_tokens == 8  # adopted from the target artifact
-    p_init, fp = _p_init(tiny_model)
+    p_init, fp = p_init_of(tiny_model)
     meta = {"backbone": "x", "backbone_fingerprint": fp, "init_fingerprint": "y"}
     check_against_run(inputs, meta, p_init)
     with pytest.raises(ArtifactError, match="its P_init differs"):

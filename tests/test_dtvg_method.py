@@ -8,7 +8,7 @@ import torch
 from dtvg_ds.config import parse_config
 from dtvg_ds.methods.dtvg import DTVG
 from dtvg_ds.methods.inputs import load_inputs
-from tests.test_dtvg_dist import make_tpvs
+from tests.conftest import make_tpvs
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,7 @@ from dtvg_ds.report import (
     run_facts,
     write_report,
 )
-from tests.conftest import ROOT, launch, train_args
-from tests.test_dtvg_dist import make_tpvs
+from tests.conftest import ROOT, launch, make_tpvs, train_args
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DTVG_FIGURES = {"training.png", "dtvg_groups.png", "dtvg_target_similarity.png", "dtvg_kc.png",

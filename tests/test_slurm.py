@@ -27,8 +27,7 @@ from pathlib import Path
 import pytest
 
 from dtvg_ds.artifacts import load_artifact
-from tests.conftest import ROOT, ds_env, read_jsonl, train_args
-from tests.test_dtvg_dist import make_tpvs
+from tests.conftest import ROOT, ds_env, make_tpvs, read_jsonl, train_args
 
 pytestmark = pytest.mark.slurm
 
