@@ -158,8 +158,8 @@ class TrainConfig:
     ts_threshold: float = _f(0.0, "DTVG: keep sources with target similarity >= this")
     ablation: str = _f("none", f"DTVG ablation: one of {', '.join(ABLATIONS)}")
     source_scale_init: float = _f(
-        1.0, "DTVG extension: initial value of every a_s (released code: 1; 1/(n+1) for n sources "
-             "makes the first merge an average of the group and the target)")
+        1.0, "DTVG extension: initial value of every a_s (released code: 1). With a_t at 1, "
+             "1/(n+1) for n sources makes a group of k add k/(n+1) source vectors instead of k")
     merge_norm: str = _f(
         "none", "DTVG extension: none (released rule) or target (rescale P_mix - P_init to the "
                 "norm of a_t * T_t, keeping the merge's direction)")

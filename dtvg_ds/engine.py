@@ -60,6 +60,7 @@ class Best:
     step: int = -1
     metrics: dict[str, float] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    method_meta: dict[str, Any] = field(default_factory=dict)  # e.g. DTVG's group at that step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +368,9 @@ def export(run: Run, best: Best, steps: int, final: bool = False) -> Path:
         meta = {**run.meta, "method": run.method.name, "steps": steps,
                 "status": artifacts.COMPLETE if final else artifacts.IN_PROGRESS,
                 "best_metric": artifacts.best_metric(*_best_value(run, best), best.step),
-                "extra": {"metrics": best.metrics, **run.method.artifact_meta()}}
+                # the method's state *at the best step* (DTVG: the group of the exported P_mix)
+                "extra": {"metrics": best.metrics,
+                          **(best.method_meta or run.method.artifact_meta())}}
         artifacts.save_artifact(out, best.tensors["prompt"], run.method.p_init, meta, extra)
         if final:
             write_adapter(run, out)
@@ -420,6 +423,7 @@ def _save(run: Run, step: int, best: Best) -> None:
         checkpoint.save(run.engine, run.cfg.output_dir, step,
                         {"best_score": best.score, "best_step": best.step,
                          "best_metrics": best.metrics, "method_state": run.method.extra_state(),
+                         "best_method_meta": best.method_meta,
                          "run_id": run.run_id, "config": run.cfg.to_dict()},
                         best.tensors, run.cfg.save_total_limit)
 
@@ -505,7 +509,8 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
         with run.mem.phase("resume"):
             state, best_t = checkpoint.load(engine, resume_dir)
         step = state["step"]
-        best = Best(state["best_score"], state["best_step"], state["best_metrics"], best_t)
+        best = Best(state["best_score"], state["best_step"], state["best_metrics"], best_t,
+                    state.get("best_method_meta", {}))
         method.load_extra_state(state["method_state"])
         info(f"resumed from {resume_dir} at step {step}")
     engine.train()
@@ -537,7 +542,8 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
         if _every(cfg.eval_steps, step, cfg.max_steps):
             res = _evaluate(run, logger, step)
             if _selection(run, res) > best.score:  # keep the best prompt (all ranks hold it)
-                best = Best(_selection(run, res), step, res, _best_tensors(method))
+                best = Best(_selection(run, res), step, res, _best_tensors(method),
+                            method.artifact_meta())
                 export(run, best, step)
         preempted = dist.any_rank(stop_signal.signum is not None)  # collective: 4 bytes
         stopping = step == cfg.stop_at_step or preempted

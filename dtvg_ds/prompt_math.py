@@ -3,7 +3,7 @@
 Everything here is "tensors in, tensors out": no torch.distributed, no I/O and no import from the
 rest of the project, so that every rank can run it on its own replica, and so that it can be
 tested exhaustively on tiny hand-computed tensors. The specification is the DTVG / SPoT / MPT
-sections of ALGORITHMS.md.
+sections of docs/algorithms.md.
 
 Shape conventions: ``r`` prompt tokens, ``d`` model width, ``n`` source tasks.
 """

@@ -1,4 +1,4 @@
-"""The task zoo: every task of ALGORITHMS.md, from rows in its Hub schema (written here, read
+"""The task zoo: every task of docs/algorithms.md, from rows in its Hub schema (written here, read
 back through the real `--data_dir` path) to the exact model input and target text; the papers'
 splits, few-shot sampling and limits; the registry, aliases and errors."""
 
@@ -534,7 +534,7 @@ def _key(r: dict[str, Any]) -> str:
 
 def test_every_paper_task_has_a_case() -> None:
     assert sorted(CASES) == sorted(set(PAPER_TASKS))
-    assert len(PAPER_TASKS) == 26 + 1  # the 26 datasets of ALGORITHMS.md + SuperGLUE RTE
+    assert len(PAPER_TASKS) == 26 + 1  # the 26 datasets of docs/algorithms.md + SuperGLUE RTE
     for name in PAPER_TASKS:
         assert name in TASKS and TASKS[name].splits == ("train", "validation", "test")
 

@@ -1,4 +1,4 @@
-"""Row -> text-to-text record formatters of the ATTEMPT/DTVG protocol (ALGORITHMS.md).
+"""Row -> text-to-text record formatters of the ATTEMPT/DTVG protocol (docs/algorithms.md).
 
 A formatter takes one row in its Hub schema (the same schema local `--data_dir` files use) and
 returns a record, or a list of records when one row holds several examples:
@@ -74,7 +74,8 @@ def stsb_target(score: Any) -> str:
 
     Python's round() rounds halves to even, like T5's `tf.round(label * 5) / 5`, so ties land
     on the same grid point as in T5: 3.7 (18.5 fifths) -> "3.6", 3.75 -> "3.8". (The published
-    ATTEMPT code's `np.round((x * 5) / 5, 1)` rounds to 0.1 instead; ALGORITHMS.md asks for 0.2.)
+    ATTEMPT code's `np.round((x * 5) / 5, 1)` rounds to 0.1 instead; this project follows T5's
+    0.2, see docs/algorithms.md.)
     """
     return f"{round(float(score) * 5) / 5:.1f}"
 

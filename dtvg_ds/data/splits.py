@@ -1,6 +1,7 @@
 """The papers' splits, few-shot sampling and sub-sampling, all deterministic in a seed.
 
-Split policies (ATTEMPT/MPT/DTVG protocol, ALGORITHMS.md "Splits"):
+Split policies (ATTEMPT/MPT/DTVG protocol; docs/algorithms.md, "Tasks, formats, splits and
+metrics"):
 
 - ``halve`` (datasets under ~10K examples, no labelled test set): the Hub validation split is
   shuffled with the seed and halved; the first half is our "validation" (dev, used for

@@ -2,7 +2,7 @@
 
 A task yields records `{"source": str, "target": str}` (plus `"answers"` for multi-answer
 tasks and `"group"` for MultiRC; see `dtvg_ds.data.formats`). Built-in demo tasks are generated
-(no download); every task of ALGORITHMS.md loads from its Hub id with `datasets.load_dataset`,
+(no download); every task of docs/algorithms.md loads from its Hub id with `datasets.load_dataset`,
 or from local files in the same schema with `--data_dir` (json/jsonl/csv/parquet, one file per
 Hub split; see `dtvg_ds.data.sources`); any other name with `--data_dir` reads files that
 already have `source`/`target` columns.
@@ -252,7 +252,7 @@ for _name, _spec in demo.DEMO_TASKS.items():
                   description=_spec.description))
 
 # ---------------------------------------------------------------------------------------------
-# The zoo: every task of ALGORITHMS.md, with its Hub id, template, split policy and metric.
+# The zoo: every task of docs/algorithms.md, with its Hub id, template, split policy and metric.
 # ---------------------------------------------------------------------------------------------
 BINARY, THREE = ("0", "1"), ("0", "1", "2")
 GLUE, SUPERGLUE = "nyu-mll/glue", "aps/super_glue"
@@ -359,7 +359,7 @@ _paper("common_gen", "nlg", "allenai/common_gen", None, sp.HOLDOUT,
        group_references=True, holdout_group=("concept_set_idx", "concepts"),
        aliases=("commongen",))
 
-# The papers' task groups (ALGORITHMS.md), for mixtures and listings.
+# The papers' task groups (docs/algorithms.md), for mixtures and listings.
 SOURCE_TASKS = ("mnli", "qnli", "qqp", "sst2", "record", "squad")
 GROUPS: dict[str, tuple[str, ...]] = {
     "source": SOURCE_TASKS,
