@@ -132,8 +132,13 @@ def _remove_if_empty(created: list[Path]) -> None:
     """Rank 0: undo the creation of directories that are still empty (nothing was written)."""
     if os.environ.get("RANK", "0") != "0":
         return
+    from dtvg_ds.rundir import RUN_FILE
+
     for d in created:
         try:
+            left = list(d.iterdir()) if d.is_dir() else []
+            if [p.name for p in left] == [RUN_FILE]:  # this launch's run identity, nothing else
+                left[0].unlink()
             d.rmdir()  # only ever removes an empty directory
         except OSError:
             return
