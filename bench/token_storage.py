@@ -57,13 +57,15 @@ def list_bytes_per_token(recs: list[dict[str, str]], tok) -> float:
     return used / sum(len(x) for x in ids)
 
 
-def _pss_of(path: str, q: mp.Queue) -> None:
-    """Child: map the cached ids, touch every page, report the Pss of the mapping."""
+def _pss_of(path: str, q: mp.Queue, ready, done) -> None:
+    """Child: map the cached ids, touch every page, and (once every child has) report the Pss
+    of the mapping: Pss splits a shared page among the processes mapping it at that moment."""
     from dtvg_ds.data.batches import _read_cache
 
     enc = _read_cache(Path(path))
     assert enc is not None
     total = int(enc.sources.ids.sum())  # touch every page
+    ready.wait()
     pss = 0
     lines = Path("/proc/self/smaps").read_text().splitlines()
     inside = False
@@ -73,12 +75,14 @@ def _pss_of(path: str, q: mp.Queue) -> None:
         elif inside and line.startswith("Pss:"):
             pss += int(line.split()[1]) * 1024
     q.put((pss, total))
+    done.wait()  # keep the mapping until every child has measured
 
 
 def node_bytes(base: Path, ranks: int = 2) -> int:
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # a forked child of a torch process can deadlock in OpenMP
     q: mp.Queue = ctx.Queue()
-    ev = [ctx.Process(target=_pss_of, args=(str(base), q)) for _ in range(ranks)]
+    ready, done = ctx.Barrier(ranks), ctx.Barrier(ranks)
+    ev = [ctx.Process(target=_pss_of, args=(str(base), q, ready, done)) for _ in range(ranks)]
     for p in ev:
         p.start()
     out = [q.get() for _ in ev]
