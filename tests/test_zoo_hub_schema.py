@@ -24,6 +24,14 @@ from dtvg_ds.data.tasks import TASKS, Task, TaskError, get_task
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
+@pytest.fixture(autouse=True)
+def _fresh_hub_cache():
+    """Every test sees its own fake Hub: the loader's per-split cache is cleared around it."""
+    sources._hub_split.cache_clear()
+    yield
+    sources._hub_split.cache_clear()
+
 def _jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -211,13 +219,9 @@ def test_webnlg_hub_failure_points_at_the_release(monkeypatch: pytest.MonkeyPatc
         calls.append({"path": path, "name": name, "split": split, **kw})
         raise FileNotFoundError("Couldn't find any data file at refs/convert/parquet")
 
-    sources._hub_split.cache_clear()
     monkeypatch.setattr(datasets, "load_dataset", no_export)
-    try:
-        with pytest.raises(TaskError) as e:
-            get_task("web_nlg").load("test")
-    finally:
-        sources._hub_split.cache_clear()
+    with pytest.raises(TaskError) as e:
+        get_task("web_nlg").load("test")
     assert len(calls) == 1 and calls[0]["revision"] == "refs/convert/parquet"
     msg = str(e.value)
     assert "script-only" in msg and "FileNotFoundError: Couldn't find any data file" in msg
@@ -245,7 +249,6 @@ def _fake_hub(monkeypatch: pytest.MonkeyPatch, direct: Exception | None,
             raise export
         return datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in export.items()})
 
-    sources._hub_split.cache_clear()
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     return calls
 
@@ -254,10 +257,7 @@ def test_e2e_goes_to_the_parquet_export_directly(monkeypatch: pytest.MonkeyPatch
     files = CASES["e2e_nlg"]["files"]
     calls = _fake_hub(monkeypatch, None, {"train": files["train"],
                                           "validation": files["validation"], "test": files["test"]})
-    try:
-        recs = get_task("e2e").load("validation")
-    finally:
-        sources._hub_split.cache_clear()
+    recs = get_task("e2e").load("validation")
     assert recs == _as_records(CASES["e2e_nlg"]["expect"]["validation"])
     assert calls == [{"path": "tuetschek/e2e_nlg", "name": None, "split": None,
                       "revision": "refs/convert/parquet", "data_dir": "default"}]
@@ -267,11 +267,8 @@ def test_e2e_goes_to_the_parquet_export_directly(monkeypatch: pytest.MonkeyPatch
 def test_fallback_error_names_each_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_hub(monkeypatch, RuntimeError("Dataset scripts are no longer supported, but found x.py"),
               FileNotFoundError("no parquet files\nin refs/convert/parquet"))
-    try:
-        with pytest.raises(TaskError) as e:
-            get_task("rte").load("train")
-    finally:
-        sources._hub_split.cache_clear()
+    with pytest.raises(TaskError) as e:
+        get_task("rte").load("train")
     msg = str(e.value)
     assert ("[1] load_dataset('nyu-mll/glue', 'rte', split='train') -> RuntimeError: Dataset "
             "scripts are no longer supported, but found x.py") in msg
@@ -282,11 +279,8 @@ def test_fallback_error_names_each_attempt(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_script_only_error_says_so_and_wrong_export_splits(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_hub(monkeypatch, None, {"train": CASES["e2e_nlg"]["files"]["train"]})
-    try:
-        with pytest.raises(TaskError) as e:
-            get_task("e2e_nlg").load("test")
-    finally:
-        sources._hub_split.cache_clear()
+    with pytest.raises(TaskError) as e:
+        get_task("e2e_nlg").load("test")
     msg = str(e.value)
     assert "could not load tuetschek/e2e_nlg split 'test' from the Hub (a script-only " in msg
     assert ("[1] load_dataset('tuetschek/e2e_nlg', revision='refs/convert/parquet', "
