@@ -541,9 +541,9 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
             loss_sum, loss_n, t_last = 0.0, 0, now
         if _every(cfg.eval_steps, step, cfg.max_steps):
             res = _evaluate(run, logger, step)
-            if _selection(run, res) > best.score:  # keep the best prompt (all ranks hold it)
-                best = Best(_selection(run, res), step, res, _best_tensors(method),
-                            method.artifact_meta())
+            score = _selection(run, res)
+            if score > best.score:  # keep the best prompt (all ranks hold it)
+                best = Best(score, step, res, _best_tensors(method), method.artifact_meta())
                 export(run, best, step)
         preempted = dist.any_rank(stop_signal.signum is not None)  # collective: 4 bytes
         stopping = step == cfg.stop_at_step or preempted
