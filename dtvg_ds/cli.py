@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from dtvg_ds import dist
 from dtvg_ds.artifacts import ArtifactError
 from dtvg_ds.checkpoint import CheckpointError, OutputWriteError, write_error_message
 from dtvg_ds.config import ConfigError, TrainConfig, parse_config
@@ -42,6 +43,10 @@ def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
         created = _missing_dirs(cfg.output_dir)
         check_output_writable(cfg.output_dir, bool(cfg.resume or cfg.overwrite_output_dir))
         fn(cfg)
+    except dist.PeerError as e:  # another rank failed and reports why; one line per node
+        if dist.local_rank() == 0:
+            _report(e)
+        return 2
     except Preempted as e:
         _close_progress_bars()
         sys.stderr.write(f"preempted: {e}\n")

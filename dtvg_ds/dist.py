@@ -12,11 +12,13 @@ import contextlib
 import datetime
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
+
+T = TypeVar("T")
 
 
 def _env_from_slurm() -> None:
@@ -147,6 +149,36 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)  # collective: every rank, 4 bytes
     return bool(t.item() > 0)
+
+
+class PeerError(RuntimeError):
+    """Another rank failed a step every rank depends on; that rank reports the cause."""
+
+
+def local_first(fn: Callable[[], T]) -> T:
+    """`fn()` on the local rank 0 of every node first, then on the node's other ranks.
+
+    For reads that fill a node's cache (Hub downloads, dataset preparation): the first rank of
+    a node fetches, its other ranks then find the files in place. If `fn` fails on any node's
+    local rank 0, that rank raises its error and every other rank raises `PeerError`, instead
+    of waiting for it in the next collective until the timeout. All ranks must call this.
+    """
+    if not tdist.is_initialized():
+        return fn()
+    first = local_rank() == 0
+    result: Any = None
+    error: BaseException | None = None
+    if first:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001  -- re-raised below, after telling the others
+            error = e
+    if any_rank(error is not None):  # collective: every rank; also the barrier the others wait at
+        if error is not None:
+            raise error
+        raise PeerError("stopped: the local rank 0 of a node failed to read the run's inputs "
+                        "(its error is printed above)")
+    return result if first else fn()
 
 
 def _comm_device() -> torch.device:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dtvg_ds import artifacts, checkpoint, dist, memtrace, quant, rundir
+from dtvg_ds import artifacts, checkpoint, dist, hub, memtrace, quant, rundir
 from dtvg_ds.config import (
     DEMO_MODEL,
     ConfigError,
@@ -138,10 +138,23 @@ def check_output_dir(cfg: TrainConfig) -> None:
     dist.barrier()
 
 
-def resolve_model_path(cfg: TrainConfig) -> str:
-    """'demo' -> the locally pretrained tiny T5 (built once by rank 0, cached); else as given."""
+def read_sources(cfg: TrainConfig, task: Any, inputs: Any) -> tuple[str, list[dict], list[dict]]:
+    """(the backbone's local dir, train records, dev records): everything a run reads from the
+    Hub or from --data_dir. Run through `dist.local_first`: ranks other than a node's first read
+    only the node's cache (never the Hub) for the backbone."""
+    path = hub.backbone_dir(cfg.model_name_or_path, cache_only=dist.local_rank() != 0)
+    check_backbone_source(cfg.model_name_or_path, inputs, path)  # loads; artifacts' backbone
+    train = task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
+                      k_shot=cfg.k_shot)
+    valid = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)
+    return path, train, valid
+
+
+def resolve_model_path(cfg: TrainConfig, fetched: str) -> str:
+    """'demo' -> the locally pretrained tiny T5 (built once by rank 0, cached); else `fetched`
+    (the local dir `read_sources` found). All ranks call this."""
     if cfg.model_name_or_path != DEMO_MODEL:
-        return cfg.model_name_or_path
+        return fetched
     from dtvg_ds.data.demo_backbone import ensure_demo_backbone
 
     target = Path(cfg.cache_dir) / "demo_backbone"
@@ -249,16 +262,25 @@ def setup(cfg: TrainConfig) -> Run:
     ds, adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed),
                                     dist.expected_world_size(), cfg.deepspeed)
     inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
-    check_backbone_source(cfg.model_name_or_path, inputs)  # exists; artifacts' backbone
     task = (MixtureTask(cfg.task.split(MIX_SEPARATOR), cfg.data_dir, cfg.mixture_cap)
             if is_mixture(cfg.task) else get_task(cfg.task, cfg.data_dir, cfg.metric))
-    train_recs = task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
-                           k_shot=cfg.k_shot)  # empty data, k_shot > data: fail before init
-    valid_recs = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)
+    def reads() -> tuple[str, list[dict], list[dict]]:
+        return read_sources(cfg, task, inputs)
+
+    # Local files only (a local backbone dir or 'demo', --data_dir or demo tasks): read them
+    # now, so a missing file, empty data or k_shot > data fails before any process group.
+    hub_reads = hub.is_hub_id(cfg.model_name_or_path) or task.reads_hub(cfg.data_dir)
+    early = None if hub_reads else reads()
     clock.mark("checks_and_data_read")
     dist.init(cfg.ddp_timeout / 60)
     configure_logging(cfg.log_level, cfg.log_on_each_node)  # now that ranks are known
     clock.mark("process_group")
+    # From the Hub: each node's local rank 0 reads first (one download per node into its HF
+    # cache), then the node's other ranks read that cache; any failure stops every rank here,
+    # before anything is written.
+    fetched, train_recs, valid_recs = early or dist.local_first(reads)
+    if hub_reads:
+        clock.mark("hub_read")
     for k, v in adopted.items():
         info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
     check_output_dir(cfg)
@@ -270,7 +292,7 @@ def setup(cfg: TrainConfig) -> Run:
         Path(cfg.output_dir) / f"memory.rank{dist.rank()}.jsonl" if cfg.trace_memory else None,
         dist.rank(), dist.device().type, fresh=not cfg.resume)
     seed_everything(cfg.seed)
-    model_path = resolve_model_path(cfg)
+    model_path = resolve_model_path(cfg, fetched)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     cache = Path(cfg.cache_dir) / "tokenized" if cfg.tokenized_cache else None
     train, valid = (batches.encode_cached(recs, tokenizer, cfg.max_source_length,

@@ -78,11 +78,14 @@ class ExportError(ValueError):
 
 def resolve_backbone(name_or_path: str, cache_dir: str = ".cache") -> str:
     """The loadable path of a backbone name: 'demo' -> the cached demo T5 (built if missing,
-    exactly as training does); anything else unchanged."""
+    exactly as training does); a Hub id -> its snapshot in the HF cache (fetched if missing);
+    a local dir unchanged."""
     from dtvg_ds.config import DEMO_MODEL
 
     if name_or_path != DEMO_MODEL:
-        return name_or_path
+        from dtvg_ds import hub
+
+        return hub.backbone_dir(name_or_path)  # a Hub id: its snapshot in the HF cache
     from dtvg_ds.data.demo_backbone import ensure_demo_backbone
 
     return str(ensure_demo_backbone(Path(cache_dir) / "demo_backbone",

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dtvg_ds import dist, frozen_linear
+from dtvg_ds import dist, frozen_linear, hub
+from dtvg_ds.hub import ModelLoadError
 
 # Config keys that describe where/how a checkpoint was saved rather than the network itself.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
@@ -27,10 +28,6 @@ _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype",
                          "quantization_config"}
 
 
-class ModelLoadError(ValueError):
-    """The backbone could not be loaded; the message says why and what to do."""
-
-
 def backbone_fingerprint(config: Any) -> str:
     """Hash of the backbone's architecture config (not its path): TPVs are comparable iff equal."""
     d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
@@ -38,10 +35,10 @@ def backbone_fingerprint(config: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def check_backbone_source(name_or_path: str, inputs: Any = None) -> None:
-    """Before any process group or write: the backbone's config can be read, and every stage-1
-    artifact of `inputs` (a `MethodInputs`) was trained on this architecture. 'demo' (built on
-    first use) is checked after loading, by `check_against_run`."""
+def check_backbone_source(name_or_path: str, inputs: Any = None, local_dir: str = "") -> None:
+    """Before any write: the backbone's config can be read (from `local_dir`, its fetched copy,
+    if given), and every stage-1 artifact of `inputs` (a `MethodInputs`) was trained on this
+    architecture. 'demo' (built on first use) is checked after loading, by `check_against_run`."""
     from dtvg_ds.artifacts import ArtifactError
     from dtvg_ds.config import DEMO_MODEL
 
@@ -54,11 +51,11 @@ def check_backbone_source(name_or_path: str, inputs: Any = None) -> None:
         raise ModelLoadError(f"--model_name_or_path {name_or_path}: no such directory; pass a "
                              "local model dir (with config.json) or a Hub id")
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(local_dir or name_or_path)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"--model_name_or_path {name_or_path}: could not load its config "
-                             f"({str(e).splitlines()[0][:200]}); check the path / Hub id, or run "
-                             "with HF_HUB_OFFLINE=0") from None
+                             f"({str(e).splitlines()[0][:200]}); {hub.advice([name_or_path])}"
+                             ) from None
     fp = backbone_fingerprint(config)
     arts = [getattr(inputs, "target", None), *getattr(inputs, "sources", ()),
             getattr(inputs, "mpt_source", None)]
@@ -92,8 +89,9 @@ def load_backbone(name_or_path: str, dtype: torch.dtype, quantization: Any = Non
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, dtype=dtype, **kw)
     except OSError as e:
-        raise ModelLoadError(f"--model_name_or_path {name_or_path}: could not load ({e}). "
-                             "Check the path / Hub id, or run with HF_HUB_OFFLINE=0") from None
+        raise ModelLoadError(f"--model_name_or_path {name_or_path}: could not load "
+                             f"({str(e).splitlines()[0][:200]}); {hub.advice([name_or_path])}"
+                             ) from None
     model.requires_grad_(False)
     frozen_linear.install(model)  # save weights, not gathered views; fp32 matmul on slow CPUs
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +43,22 @@ def build_tiny_t5(out: Path, d_model: int = 64, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_t5(tmp_path_factory.mktemp("tiny_t5") / "model")
+
+
+HUB_REPO = "dtvg-test/tiny-t5"  # a Hub id that exists only in the `hf_home` cache below
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="session")
+def hf_home(tiny_model, tmp_path_factory) -> Path:
+    """An HF_HOME whose Hub cache holds `HUB_REPO` at `main`, in huggingface_hub's cache layout
+    (what `python -m dtvg_ds.fetch` leaves on a shared disk); use with HF_HUB_OFFLINE=1."""
+    home = tmp_path_factory.mktemp("hf_home")
+    repo = home / "hub" / ("models--" + HUB_REPO.replace("/", "--"))
+    shutil.copytree(tiny_model, repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    return home
 
 
 def ds_env(**extra: str) -> dict[str, str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from dtvg_ds.artifacts import load_artifact
-from tests.conftest import ROOT, ds_env, make_tpvs, read_jsonl, train_args
+from tests.conftest import HUB_REPO, ROOT, ds_env, make_tpvs, read_jsonl, train_args
 
 pytestmark = pytest.mark.slurm
 
@@ -73,12 +73,12 @@ class Cluster:
                        for f in sorted((self.dir / "log").glob("*.log")))
 
     def sbatch(self, script: Path, out: Path, args: list[str], nodes: int = 2, ranks: int = 1,
-               ) -> Job:
+               **env: str) -> Job:
         """Submit `script args` on `nodes` x `ranks` CPU ranks, from the checkout's root."""
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", "--time=00:10:00",
                f"--output={out}", str(script), *args]
-        p = subprocess.run(cmd, cwd=ROOT, env=self.env(NPROC_PER_NODE=str(ranks)),
+        p = subprocess.run(cmd, cwd=ROOT, env=self.env(NPROC_PER_NODE=str(ranks), **env),
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, f"sbatch failed: {p.stdout}{p.stderr}"
         return Job(int(p.stdout.strip().split(";")[0]), out)
@@ -151,19 +151,24 @@ def _rendezvous(job: Job) -> str:
     return m.group(1)
 
 
-def test_stage1_two_nodes_one_rank_each(cluster, tiny_model, tmp_path):
+def test_stage1_two_nodes_one_rank_each(cluster, hf_home, tmp_path):
+    """Also the offline-node path: the backbone is a Hub id found only in HF_HOME's cache, with
+    HF_HUB_OFFLINE=1 (as `python -m dtvg_ds.fetch` on a login node leaves it)."""
     out = tmp_path / "senti_a"
+    args = train_args(hf_home, out, max_steps=4, save_steps=2, max_train_samples=64)
+    args[args.index("--model_name_or_path") + 1] = HUB_REPO
     job = cluster.expect_completed(cluster.sbatch(
-        STAGE1, tmp_path / "stage1.out",
-        train_args(tiny_model, out, max_steps=4, save_steps=2, max_train_samples=64)))
+        STAGE1, tmp_path / "stage1.out", args, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1"))
     log = job.log()
     assert "2 x 1 ranks (cpu)" in log
+    assert f"HF_HOME {hf_home}, HF_HUB_OFFLINE=1" in log
     assert _rendezvous(job) == "127.0.0.1"  # the head node's NodeAddr from scontrol
     # one torchrun per node (srun --label prefixes each node's lines with its task id)
     assert re.search(r"^0: ", log, re.M) and re.search(r"^1: ", log, re.M), log[-4000:]
     art = load_artifact(out)
     assert art.prompt.shape == (8, 64) and art.task_vector.abs().sum() > 0
     assert art.meta["method"] == "pt" and art.meta["task"] == "senti_a" and art.meta["steps"] == 4
+    assert art.meta["backbone"] == HUB_REPO
     cfg = (out / "run_config.json").read_text()
     assert '"world_size": 2' in cfg
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]

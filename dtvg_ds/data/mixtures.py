@@ -93,6 +93,10 @@ class MixtureTask:
         self.name = MIX_SEPARATOR.join(t.name for t in self.members)
         self.cap = cap
 
+    def reads_hub(self, data_dir: str = "") -> bool:
+        """True if loading any member goes to the Hub (or its cache)."""
+        return any(t.reads_hub(data_dir) for t in self.members)
+
     def load(self, split: str, data_dir: str = "", limit: int = 0, seed: int = 0,
              k_shot: int = 0) -> list[Record]:
         """Training: the examples-proportional mixture; evaluation: every member's split."""

@@ -176,16 +176,35 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:300]}" + ("..." if len(msg) > 300 else "")
 
 
+def _export_split(hub_id: str, config: str | None, split: str) -> tuple[Any, str]:
+    """(the split from the repo's parquet export or None, what went wrong otherwise)."""
+    import datasets
+
+    call = _call(hub_id, None, revision=PARQUET_EXPORT, data_dir=config or "default")
+    try:
+        dd = datasets.load_dataset(hub_id, revision=PARQUET_EXPORT, data_dir=config or "default")
+    except Exception as e:
+        return None, f"{call} -> {_err(e)}"
+    for name in (split,) + SPLIT_ALIASES.get(split, ()):
+        if name in dd:
+            return dd[name], ""
+    return None, f"{call} -> loaded, but its splits are {sorted(dd)}, not {split!r}"
+
+
 @functools.lru_cache(maxsize=8)
 def _hub_split(hub_id: str, config: str | None, split: str) -> Any:
     """The `datasets.Dataset` of one Hub split: the repository, then its parquet export.
 
-    Repositories in `SCRIPT_ONLY` go to the export directly. On failure, one `SourceError`
-    lists every attempt with its exception.
+    Repositories in `SCRIPT_ONLY` go to the export directly. With HF_HUB_OFFLINE only the cache
+    is read (`datasets` does that by itself). On failure, one `SourceError` lists every attempt
+    with its exception.
     """
     import datasets
 
+    from dtvg_ds import hub
+
     what = hub_id + (f" ({config})" if config else "") + f" split {split!r}"
+    where = "the cache (HF_HUB_OFFLINE is set)" if hub.offline() else "the Hub"
     note = ""
     attempts: list[str] = []
     if hub_id in SCRIPT_ONLY:
@@ -195,20 +214,14 @@ def _hub_split(hub_id: str, config: str | None, split: str) -> Any:
             return datasets.load_dataset(hub_id, config, split=split)
         except Exception as e:  # script repo, offline, unknown id: try the parquet export next
             attempts.append(f"{_call(hub_id, config, split=split)} -> {_err(e)}")
-            if isinstance(e, ConnectionError):  # offline: the export is unreachable as well
+            if isinstance(e, ConnectionError) and not hub.offline():  # the export is unreachable too
                 raise SourceError(f"could not load {what} from the Hub: [1] {attempts[0]} "
-                                  "(offline: the parquet export was not tried)") from None
-    call = _call(hub_id, None, revision=PARQUET_EXPORT, data_dir=config or "default")
-    try:
-        dd = datasets.load_dataset(hub_id, revision=PARQUET_EXPORT, data_dir=config or "default")
-    except Exception as e:
-        attempts.append(f"{call} -> {_err(e)}")
-    else:
-        for name in (split,) + SPLIT_ALIASES.get(split, ()):
-            if name in dd:
-                return dd[name]
-        attempts.append(f"{call} -> loaded, but its splits are {sorted(dd)}, not {split!r}")
-    raise SourceError(f"could not load {what} from the Hub{note}: " +
+                                  "(no connection: the parquet export was not tried)") from None
+    ds, problem = _export_split(hub_id, config, split)
+    if ds is not None:
+        return ds
+    attempts.append(problem)
+    raise SourceError(f"could not load {what} from {where}{note}: " +
                       "; ".join(f"[{i}] {a}" for i, a in enumerate(attempts, 1)))
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dtvg_ds import hub
 from dtvg_ds.data import demo, formats
 from dtvg_ds.data import splits as sp  # not "splits": a Task field has that name
 from dtvg_ds.data.formats import kv
@@ -86,6 +87,10 @@ class Task:
         s = self.hub_id + (f":{self.hub_config}" if self.hub_config else "")
         return s + (f"[{self.row_filter[0]}={self.row_filter[1]}]" if self.row_filter else "")
 
+    def reads_hub(self, data_dir: str = "") -> bool:
+        """True if loading this task goes to the Hub (or its cache), not to local files."""
+        return not data_dir and self.hub_id != "demo" and not self.hub_id.startswith("local:")
+
     def hub_split(self, role: str) -> str:
         """The Hub split name that plays `role` ("train", "validation" or "test")."""
         return dict(self.hub_splits)[role]
@@ -136,7 +141,8 @@ class Task:
             return hub_rows(self.hub_id, self.hub_config, hub_split, self.row_filter,
                             self.columns)
         except SourceError as e:
-            hint = "" if data_dir else ("; pass --data_dir with local files in the Hub schema" +
+            hint = "" if data_dir else (f"; {hub.advice(tasks=[self.name])}; or pass --data_dir "
+                                        "with local files in the Hub schema" +
                                         (f" ({self.local_hint})" if self.local_hint else ""))
             raise TaskError(f"task {self.name!r}: {e}{hint}") from None
         except TaskError:

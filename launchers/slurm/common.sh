@@ -13,6 +13,10 @@
 #                    set it empty to start fresh)
 #   DTVG_MAX_REQUEUES  stop requeueing on the time-limit signal after this many restarts (default 20)
 #   DTVG_MASTER_ADDR / DTVG_MASTER_PORT  override the rendezvous address / port
+#   HF_HOME, HF_HUB_OFFLINE  passed to every node like the rest of the environment: for compute
+#                    nodes without network, fetch on a login node with
+#                    `HF_HOME=/shared/hf python -m dtvg_ds.fetch --model_name_or_path M --task T ...`
+#                    and submit with HF_HOME=/shared/hf HF_HUB_OFFLINE=1 (README, "Offline nodes")
 # Every argument after the script name is passed to launchers/train.py unchanged.
 
 set -euo pipefail
@@ -70,6 +74,10 @@ NPROC_PER_NODE, or DS_ACCELERATOR=cpu for CPU ranks"
        "$SLURM_NNODES x $NPROC_PER_NODE ranks (${DS_ACCELERATOR:-gpu}), $cpus CPUs per node," \
        "rendezvous $MASTER_ADDR:$MASTER_PORT"
   _log "python $DTVG_PYTHON; train.py ${args[*]}"
+  # What the ranks will read the backbone and data from (exported to every node by srun).
+  _log "HF_HOME ${HF_HOME:-~/.cache/huggingface (default)}, HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}"
+  if [ -n "${HF_HOME:-}" ]; then export HF_HOME; fi
+  if [ -n "${HF_HUB_OFFLINE:-}" ]; then export HF_HUB_OFFLINE; fi
 
   # ---- the output directory must be one directory seen by every node --------------------------
   # (rank 0 writes the artifact and logs, every rank writes its checkpoint shard and group trace)
