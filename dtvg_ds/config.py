@@ -53,7 +53,8 @@ class TrainConfig:
     task: str = _f("", "task name (see `python -m dtvg_ds.tasks`)")
     model_name_or_path: str = _f(DEMO_MODEL, "backbone: Hub id, local dir, or 'demo' (tiny local T5)")
     output_dir: str = _f("", "where checkpoints, logs and the prompt artifact go")
-    deepspeed: str = _f("ds_configs/zero3.json", "DeepSpeed JSON config")
+    deepspeed: str = _f("zero3", "DeepSpeed JSON config: a path, or a shipped one by name "
+                        "(zero2, zero2_8bit, zero3, zero3_offload)")
     config: str = _f("", "optional YAML file of these settings; CLI flags override it")
     data_dir: str = _f("", "read the task from local json/jsonl/csv/parquet files in this dir")
     metric: str = _f("", "your own --data_dir task: accuracy (default), accuracy_f1, "
@@ -232,7 +233,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI, generated from `TrainConfig`. Defaults are suppressed to know what was given."""
-    p = _Parser(prog="launchers/train.py", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="dtvg_ds.train", description=__doc__.split("\n\n")[0],
                 argument_default=argparse.SUPPRESS, allow_abbrev=False, epilog=EXIT_CODES)
     hints = typing.get_type_hints(TrainConfig)
     for f in _cli_fields():
@@ -387,7 +388,8 @@ def validate(cfg: TrainConfig) -> list[str]:
 # DeepSpeed JSON reconciliation
 # ----------------------------------------------------------------------------------------------
 
-SHIPPED_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+# The configs the package ships (package data; in a checkout a link to the top-level ds_configs/).
+SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent / "ds_configs"
 
 
 def ds_config_path(name_or_path: str) -> Path:
