@@ -45,7 +45,7 @@ def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
         fn(cfg)
     except dist.PeerError as e:  # another rank failed and reports why; one line per node
         if dist.local_rank() == 0:
-            _report(e)
+            report_error(e)
         return 2
     except Preempted as e:
         _close_progress_bars()
@@ -54,20 +54,20 @@ def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
     except USER_ERRORS as e:
         if debug:
             raise
-        _report(e)
+        report_error(e)
         _remove_if_empty(created)
         return 2
     except OSError as e:
         if debug or cfg is None or not _is_output_write_error(e, cfg.output_dir):
             raise
-        _report(OutputWriteError(_write_line(e, cfg.output_dir)))
+        report_error(OutputWriteError(_write_line(e, cfg.output_dir)))
         return 2
     finally:
-        _shutdown()
+        shutdown()
     return 0
 
 
-def _report(e: Exception) -> None:
+def report_error(e: Exception) -> None:
     """One `error:` line per problem (a ConfigError may list several)."""
     _close_progress_bars()
     problems = e.problems if isinstance(e, ConfigError) else [str(e)]
@@ -185,7 +185,7 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _shutdown() -> None:
+def shutdown() -> None:
     import torch.distributed as tdist
 
     if tdist.is_initialized():

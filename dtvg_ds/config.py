@@ -82,6 +82,9 @@ class TrainConfig:
     max_target_length: int = _f(16, "max target tokens")
     max_train_samples: int = _f(0, "truncate the training set (0 = all)")
     max_eval_samples: int = _f(0, "truncate the validation set (0 = all)")
+    do_test: bool = _f(False, "at the end, score the best (dev-selected) prompt on the test split "
+                       "(<output_dir>/eval/<task>-test.json; test_* in metrics.jsonl)")
+    max_test_samples: int = _f(0, "truncate the test set of --do_test (0 = all)")
     k_shot: int = _f(0, "few-shot: k training examples (label-balanced; 0 = all)")
     data_seed: int = _f(0, "seed of the dev/test split, the k-shot sample and subsampling")
     mixture_cap: int = _f(0, "multi-task --task a+b+c: at most this many examples per task")
@@ -314,7 +317,7 @@ def validate(cfg: TrainConfig) -> list[str]:
             probs.append(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
     for name in ("k_shot", "data_seed", "mixture_cap", "stop_at_step", "eval_steps", "save_steps",
                  "logging_steps", "warmup_steps", "max_train_samples", "max_eval_samples",
-                 "fingerprint_every"):
+                 "max_test_samples", "fingerprint_every"):
         if getattr(cfg, name) < 0:
             probs.append(f"--{name} must be >= 0 (got {getattr(cfg, name)})")
     if cfg.learning_rate <= 0:
@@ -363,6 +366,9 @@ def validate(cfg: TrainConfig) -> list[str]:
             probs.append("--method spot with several --source_tpvs needs --target_tpv (to pick "
                          "the most similar source); generic SPoT takes one mixture prompt")
     elif cfg.method == "mpt_source":
+        if cfg.do_test:
+            probs.append("--do_test: an MPT source run holds one prompt per task; score each "
+                         "with python -m dtvg_ds.evaluation --artifact DIR --task T --mpt_task T")
         if not cfg.source_tpvs:
             probs.append("--method mpt_source needs --source_tpvs (the teachers' stage-1 dirs)")
         if "+" not in cfg.task:

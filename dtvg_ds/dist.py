@@ -264,7 +264,13 @@ def full_tensor(p: torch.nn.Parameter) -> torch.Tensor:
 
 
 def _zero3_offload(engine: Any) -> Any | None:
+    """ZeRO-3's parameter manager: the optimizer's when training; with no optimizer (decoding
+    only, `dtvg_ds.inference`) DeepSpeed sets the manager itself as the engine's optimizer."""
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
     opt = getattr(engine, "optimizer", None)
+    if isinstance(opt, DeepSpeedZeRoOffload):
+        return opt
     return getattr(opt, "parameter_offload", None) if opt is not None else None
 
 

@@ -39,6 +39,7 @@ from dtvg_ds.logs import RunLogger, configure_logging, info, progress
 from dtvg_ds.methods import build_method, load_inputs
 from dtvg_ds.methods.base import PromptMethod
 from dtvg_ds.model import (
+    FixedPrompt,
     PromptedSeq2Seq,
     backbone_fingerprint,
     check_backbone_source,
@@ -138,16 +139,20 @@ def check_output_dir(cfg: TrainConfig) -> None:
     dist.barrier()
 
 
-def read_sources(cfg: TrainConfig, task: Any, inputs: Any) -> tuple[str, list[dict], list[dict]]:
-    """(the backbone's local dir, train records, dev records): everything a run reads from the
-    Hub or from --data_dir. Run through `dist.local_first`: ranks other than a node's first read
-    only the node's cache (never the Hub) for the backbone."""
+def read_sources(cfg: TrainConfig, task: Any, inputs: Any) -> tuple[str, dict[str, list[dict]]]:
+    """(the backbone's local dir, {split: records}): everything a run reads from the Hub or from
+    --data_dir (the test split too with --do_test, so a missing one fails now, not after
+    training). Run through `dist.local_first`: ranks other than a node's first read only the
+    node's cache (never the Hub) for the backbone."""
     path = hub.backbone_dir(cfg.model_name_or_path, cache_only=dist.local_rank() != 0)
     check_backbone_source(cfg.model_name_or_path, inputs, path)  # loads; artifacts' backbone
-    train = task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
-                      k_shot=cfg.k_shot)
-    valid = task.load("validation", cfg.data_dir, cfg.max_eval_samples, cfg.data_seed)
-    return path, train, valid
+    recs = {"train": task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
+                               k_shot=cfg.k_shot),
+            "validation": task.load("validation", cfg.data_dir, cfg.max_eval_samples,
+                                    cfg.data_seed)}
+    if cfg.do_test:
+        recs["test"] = task.load("test", cfg.data_dir, cfg.max_test_samples, cfg.data_seed)
+    return path, recs
 
 
 def resolve_model_path(cfg: TrainConfig, fetched: str) -> str:
@@ -249,6 +254,7 @@ class Run:
     mem: memtrace.MemoryTrace  # per-phase peak memory (--trace_memory), else a no-op
     run_id: str  # this run's identity (run.json), recorded in every checkpoint
     replaced: Path | None  # where a replaced previous run waits until our first step
+    test: tuple[batches.Encoded, list[dict], list[str]] | None  # --do_test: encoded, records, tasks
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -264,7 +270,7 @@ def setup(cfg: TrainConfig) -> Run:
     inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
     task = (MixtureTask(cfg.task.split(MIX_SEPARATOR), cfg.data_dir, cfg.mixture_cap)
             if is_mixture(cfg.task) else get_task(cfg.task, cfg.data_dir, cfg.metric))
-    def reads() -> tuple[str, list[dict], list[dict]]:
+    def reads() -> tuple[str, dict[str, list[dict]]]:
         return read_sources(cfg, task, inputs)
 
     # Local files only (a local backbone dir or 'demo', --data_dir or demo tasks): read them
@@ -278,7 +284,7 @@ def setup(cfg: TrainConfig) -> Run:
     # From the Hub: each node's local rank 0 reads first (one download per node into its HF
     # cache), then the node's other ranks read that cache; any failure stops every rank here,
     # before anything is written.
-    fetched, train_recs, valid_recs = early or dist.local_first(reads)
+    fetched, recs = early or dist.local_first(reads)
     if hub_reads:
         clock.mark("hub_read")
     for k, v in adopted.items():
@@ -295,12 +301,11 @@ def setup(cfg: TrainConfig) -> Run:
     model_path = resolve_model_path(cfg, fetched)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     cache = Path(cfg.cache_dir) / "tokenized" if cfg.tokenized_cache else None
-    train, valid = (batches.encode_cached(recs, tokenizer, cfg.max_source_length,
-                                          cfg.max_target_length, cache, key=f"{task.name}-{split}")
-                    for recs, split in ((train_recs, "train"), (valid_recs, "validation")))
+    enc = {split: batches.encode_cached(r, tokenizer, cfg.max_source_length,
+                                        cfg.max_target_length, cache, key=f"{task.name}-{split}")
+           for split, r in recs.items()}
     clock.mark("tokenize")
-    valid_tasks = [r.get("task", task.name) for r in valid_recs]
-    train_tasks = [r.get("task", task.name) for r in train_recs]
+    ex_tasks = {split: [x.get("task", task.name) for x in r] for split, r in recs.items()}
     stage = get_zero_stage(ds)
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     keep_alive = None
@@ -355,9 +360,10 @@ def setup(cfg: TrainConfig) -> Run:
              f"{quant.quantization_report(backbone)}"
              + ("; LLM.int8 multiplies through fp16 (bitsandbytes' design)" if cfg.load_in_8bit
                 else ""))
-    return Run(cfg, ds, task, tokenizer, train, train_tasks, valid, valid_tasks, model, method,
-               engine, stage, model_path, meta, quant.checksum(backbone), clock, mem, run_id,
-               replaced)
+    return Run(cfg, ds, task, tokenizer, enc["train"], ex_tasks["train"], enc["validation"],
+               ex_tasks["validation"], model, method, engine, stage, model_path, meta,
+               quant.checksum(backbone), clock, mem, run_id, replaced,
+               (enc["test"], recs["test"], ex_tasks["test"]) if cfg.do_test else None)
 
 
 def check_frozen(run: Run) -> None:
@@ -589,7 +595,35 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
     summary = {"output_dir": str(out), "best_score": value, "best_step": best.step,
                "metric": name, "best_metrics": best.metrics, "steps": step}
     info(f"done: {cfg.task} best {name} {value:.2f} at step {best.step}; prompt artifact in {out}")
+    if run.test is not None:
+        summary["test"] = _test(run, best, logger, step)
     return summary
+
+
+def _test(run: Run, best: Best, logger: RunLogger, step: int) -> dict[str, float]:
+    """--do_test: the exported (dev-selected) prompt on the test split, decoded by the same
+    sharded backbone; written like `python -m dtvg_ds.evaluation` writes it (all ranks)."""
+    from dtvg_ds.evaluation import generate_all, score, score_settings, write_scores
+
+    enc, recs, ex_tasks = run.test
+    cfg = run.cfg
+    fixed = PromptedSeq2Seq(FixedPrompt(best.tensors["prompt"]), run.model.backbone)
+    t0 = time.time()
+    preds, res = generate_all(run.engine, fixed, enc, run.tokenizer, cfg.per_device_eval_batch_size,
+                              cfg.generation_max_length, run.zero_stage, cfg.eval_gather_backbone,
+                              ex_tasks)
+    result: dict[str, float] = {}
+    if dist.is_main():
+        result = score(run.task, list(range(len(enc))), preds, enc, ex_tasks)
+        path = write_scores(Path(cfg.output_dir) / "eval", run.task, "test", recs, preds, result,
+                            {"best_step": best.step, "eval_runtime": round(time.time() - t0, 3),
+                             "backbone_resident": res,
+                             **score_settings(cfg, cfg.model_name_or_path)})
+        logger.log({"step": step, **{f"test_{k}": v for k, v in result.items()}})
+        info(f"test ({len(enc)} examples, prompt of step {best.step}): "
+             f"{metric_name(run.task)} {result['score']:.4f} -> {path}")
+    return dist.broadcast_object(result)  # collective: every rank returns the same summary
+
 
 
 def configure_threads() -> None:

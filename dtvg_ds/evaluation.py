@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,16 +23,17 @@ from dtvg_ds.logs import info
 from dtvg_ds.model import PromptedSeq2Seq
 
 
-def _resident_ok(cfg: TrainConfig, model: torch.nn.Module) -> bool:
+def resident_ok(policy: str, model: torch.nn.Module) -> bool:
     """Whether to gather the whole backbone for this evaluation (the same answer on all ranks).
 
-    `auto` decides from the memory free now: on a GPU, this device's; on the CPU accelerator,
-    the node's RAM, which every local rank fills with its own gathered copy. Resident only if
-    every rank's copy fits in 80 % of what is free (the rest: generation's own tensors and
-    fragmentation). The decision and its figures are logged.
+    `policy` is --eval_gather_backbone: `always`, `never`, or `auto`, which decides from the
+    memory free now: on a GPU, this device's; on the CPU accelerator, the node's RAM, which every
+    local rank fills with its own gathered copy. Resident only if every rank's copy fits in 80 %
+    of what is free (the rest: generation's own tensors and fragmentation). The decision and its
+    figures are logged.
     """
-    if cfg.eval_gather_backbone != "auto":
-        return cfg.eval_gather_backbone == "always"
+    if policy != "auto":
+        return policy == "always"
     from deepspeed.accelerator import get_accelerator
 
     need = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
@@ -43,7 +45,7 @@ def _resident_ok(cfg: TrainConfig, model: torch.nn.Module) -> bool:
     gib = 1024 ** 3
     how = "gathering the backbone once (resident)" if ok else \
         "per-layer gathers with synced generation"
-    info(f"evaluation: {how}"
+    info(f"decoding: {how}"
          f" - the whole backbone is {need / gib:.2f} GiB per rank"
          + (f" x {sharers} ranks on this node" if sharers > 1 else "")
          + f", {free / gib:.2f} GiB free{' on rank 0' if dist.world_size() > 1 else ''}"
@@ -79,39 +81,209 @@ def score(task: Task | MixtureTask, idx: list[int], preds: list[str], enc: batch
 
 
 @torch.no_grad()
-def evaluate(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, task: Task,
-             tokenizer: Any, cfg: TrainConfig, zero_stage: int,
-             valid_tasks: list[str] | None = None) -> dict[str, float]:
-    """Generate on every rank's shard, gather predictions, score on rank 0, broadcast."""
+def generate_all(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, tokenizer: Any,
+                 batch_size: int, max_new_tokens: int, zero_stage: int, gather_policy: str,
+                 ex_tasks: list[str] | None = None, progress: bool = False,
+                 ) -> tuple[list[str], bool]:
+    """(the decoded prediction of every example of `enc`, in order, on every rank; whether the
+    backbone was resident). Every rank decodes its shard (examples rank, rank + world, ...)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
     model.eval()
-    rank, world, bs = dist.rank(), dist.world_size(), cfg.per_device_eval_batch_size
+    rank, world, bs = dist.rank(), dist.world_size(), batch_size
     shard = list(range(rank, len(enc), world))
     # Same number of generate() calls on every rank: under synced ZeRO-3 generation a rank that
     # stopped early would leave the others waiting in an all-gather forever.
     n_calls = math.ceil(math.ceil(len(enc) / world) / bs)
     preds: list[tuple[int, str]] = []
     dev = dist.device()
-    t0 = time.time()
-    with dist.backbone_resident(engine, model, zero_stage == 3 and _resident_ok(cfg, model)) as res:
+    resident = zero_stage == 3 and resident_ok(gather_policy, model)
+    with dist.backbone_resident(engine, model, resident) as res, \
+            tqdm(total=len(shard), desc="generating", unit="ex", mininterval=1.0,
+                 disable=not (progress and dist.is_main())) as bar:
         synced = zero_stage == 3 and not res
         for i in range(n_calls):
             idx = shard[i * bs:(i + 1) * bs]
             real = len(idx)
             idx = idx or [0]  # a dummy batch keeps this rank in step; its output is dropped
             b = batches.collate(enc, idx, tokenizer.pad_token_id)
-            extra = batches.to_device(model.prompter.batch_extras(idx, valid_tasks or []), dev)
+            extra = batches.to_device(model.prompter.batch_extras(idx, ex_tasks or []), dev)
             out = model.generate(b["input_ids"].to(dev), b["attention_mask"].to(dev),
-                                 max_new_tokens=cfg.generation_max_length, synced_gpus=synced,
-                                 **extra)
+                                 max_new_tokens=max_new_tokens, synced_gpus=synced, **extra)
             text = tokenizer.batch_decode(out, skip_special_tokens=True)
             preds += list(zip(idx[:real], text[:real], strict=True))
+            bar.update(real)
     everything = dist.gather_objects(preds)  # collective: every rank sends its predictions
+    merged = dict(p for part in everything for p in part)
+    model.train(was_training)
+    return [merged[i] for i in range(len(enc))], bool(res)
+
+
+@torch.no_grad()
+def evaluate(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, task: Task,
+             tokenizer: Any, cfg: TrainConfig, zero_stage: int,
+             valid_tasks: list[str] | None = None) -> dict[str, float]:
+    """Generate on every rank's shard, gather predictions, score on rank 0, broadcast."""
+    t0 = time.time()
+    preds, res = generate_all(engine, model, enc, tokenizer, cfg.per_device_eval_batch_size,
+                              cfg.generation_max_length, zero_stage, cfg.eval_gather_backbone,
+                              valid_tasks)
     result: dict[str, float] = {}
     if dist.is_main():
-        merged = sorted(p for part in everything for p in part)
-        result = score(task, [i for i, _ in merged], [t for _, t in merged], enc, valid_tasks)
+        result = score(task, list(range(len(enc))), preds, enc, valid_tasks)
         result["eval_seconds"] = result["eval_runtime"] = time.time() - t0  # ours; HF's name
-        result["eval_samples_per_second"] = len(merged) / max(result["eval_seconds"], 1e-9)
+        result["eval_samples_per_second"] = len(preds) / max(result["eval_seconds"], 1e-9)
         result["eval_backbone_resident"] = float(res)
-    model.train()
     return dist.broadcast_object(result)  # collective: every rank needs the score (best ckpt)
+
+
+# ----------------------------------------------------------------------------------------------
+# `python -m dtvg_ds.evaluation`: score a saved prompt on any split
+# ----------------------------------------------------------------------------------------------
+
+# Settings taken from the run that wrote the artifact (its run_config.json) unless given: the
+# same dev/test partition (data_seed), lengths and decoding as during training.
+INHERITED = ("data_dir", "data_seed", "metric", "max_source_length", "max_target_length",
+             "generation_max_length", "per_device_eval_batch_size", "eval_gather_backbone",
+             "cache_dir", "bf16", "deepspeed")
+EVAL_DIR = "eval"
+
+
+def write_scores(out_dir: Path, task: Task | MixtureTask, split: str, recs: list[dict[str, Any]],
+                 preds: list[str], result: dict[str, float], extra: dict[str, Any]) -> Path:
+    """Rank 0: `<out_dir>/<task>-<split>.json` (the scores and what they depend on) and
+    `.predictions.jsonl` (source, target, prediction per example), each written atomically."""
+    from dtvg_ds.artifacts import atomic_write_json
+    from dtvg_ds.predict import write_jsonl_atomic
+
+    stem = f"{task.name}-{split}"
+    path = out_dir / f"{stem}.json"
+    atomic_write_json(path, {"task": task.name, "split": split, "examples": len(preds),
+                             "metric": metric_name(task), "score": result["score"],
+                             "metrics": result, **extra})
+    rows = [{"source": r["source"], "target": r.get("target"), "prediction": p,
+             **({"task": r["task"]} if "task" in r else {})}
+            for r, p in zip(recs, preds, strict=True)]
+    write_jsonl_atomic(out_dir / f"{stem}.predictions.jsonl", rows)
+    return path
+
+
+def score_settings(cfg: TrainConfig, backbone: str) -> dict[str, Any]:
+    """What a score depends on besides the prompt: recorded next to every score."""
+    return {"data_seed": cfg.data_seed, "max_source_length": cfg.max_source_length,
+            "generation_max_length": cfg.generation_max_length,
+            "world_size": dist.world_size(), "backbone": backbone}
+
+
+def _parser() -> Any:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m dtvg_ds.evaluation",
+        description="Score a prompt artifact on a task split (default: its own task's test "
+                    "split) with the task's metrics. Sharded like training under a launcher "
+                    "(deepspeed --module dtvg_ds.evaluation --deepspeed zero3 ...); a plain "
+                    "`python -m` runs one rank. Writes <artifact>/eval/<task>-<split>.json and "
+                    ".predictions.jsonl. Settings not given come from the artifact's "
+                    "run_config.json (same dev/test partition, lengths, decoding).",
+        epilog="exit codes: 0 scored, 2 user error (one 'error:' line each)")
+    ap.add_argument("--artifact", required=True, help="prompt artifact dir")
+    ap.add_argument("--task", default=None, help="default: the artifact's task")
+    ap.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ap.add_argument("--model_name_or_path", default=None, help="default: the artifact's backbone")
+    ap.add_argument("--mpt_task", default=None, help="MPT source artifacts: whose prompt to use")
+    ap.add_argument("--max_eval_samples", type=int, default=0, help="0 = the whole split")
+    ap.add_argument("--output_dir", default=None, help=f"default: <artifact>/{EVAL_DIR}")
+    ap.add_argument("--allow_in_progress_artifacts", action="store_true",
+                    help="score the best-so-far prompt of a run that has not ended (warns)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    for name in INHERITED:
+        kind = TrainConfig.__dataclass_fields__[name].type
+        if kind in (bool, "bool"):
+            ap.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None)
+        else:
+            ap.add_argument(f"--{name}", type=int if kind in (int, "int") else str, default=None)
+    return ap
+
+
+def _settings(args: Any, art_dir: str) -> TrainConfig:
+    """TrainConfig holding the evaluation settings: flag > the run's run_config.json > default."""
+    import dataclasses
+    import json
+
+    run_file = Path(art_dir) / "run_config.json"
+    run = json.loads(run_file.read_text()).get("config", {}) if run_file.is_file() else {}
+    vals = {k: run[k] for k in INHERITED if k in run}
+    vals.update({k: getattr(args, k) for k in INHERITED if getattr(args, k) is not None})
+    return dataclasses.replace(TrainConfig(), **vals)
+
+
+def score_artifact(args: Any) -> dict[str, Any]:
+    """Everything `main` does (all ranks); returns the result written on rank 0."""
+    from dtvg_ds import artifacts, inference
+    from dtvg_ds.data.mixtures import MIX_SEPARATOR, is_mixture
+    from dtvg_ds.data.tasks import get_task
+    from dtvg_ds.export import artifact_prompt
+    from dtvg_ds.logs import configure_logging
+
+    art = artifacts.load_artifact(args.artifact, args.allow_in_progress_artifacts)
+    cfg = _settings(args, args.artifact)
+    name = args.task or str(art.meta["task"])
+    task = (MixtureTask(name.split(MIX_SEPARATOR), cfg.data_dir) if is_mixture(name)
+            else get_task(name, cfg.data_dir, cfg.metric))
+    prompt = artifact_prompt(art, args.mpt_task)
+    recs = task.load(args.split, cfg.data_dir, args.max_eval_samples, cfg.data_seed)
+    inference.start_process_group()
+    configure_logging("info", False)  # now that ranks are known: rank 0 logs
+    dec = inference.build_decoder(art, prompt, args.model_name_or_path or str(art.meta["backbone"]),
+                                  cfg.deepspeed, cfg.bf16, cfg.cache_dir)
+    enc = batches.encode(recs, dec.tokenizer, cfg.max_source_length, cfg.max_target_length)
+    ex_tasks = [r.get("task", task.name) for r in recs]
+    t0 = time.time()
+    preds, res = generate_all(dec.engine, dec.model, enc, dec.tokenizer,
+                              cfg.per_device_eval_batch_size, cfg.generation_max_length,
+                              dec.zero_stage, cfg.eval_gather_backbone, ex_tasks, progress=True)
+    result: dict[str, Any] = {}
+    if dist.is_main():
+        result = score(task, list(range(len(enc))), preds, enc, ex_tasks)
+        path = write_scores(Path(args.output_dir or Path(args.artifact) / EVAL_DIR), task,
+                            args.split, recs, preds, result,
+                            {"artifact": str(Path(args.artifact).resolve()),
+                             "best_step": art.meta.get("best_metric", {}).get("step"),
+                             "eval_runtime": round(time.time() - t0, 3),
+                             "backbone_resident": res, "zero_stage": dec.zero_stage,
+                             **score_settings(cfg, args.model_name_or_path or
+                                              str(art.meta["backbone"]))})
+        info(f"{task.name} {args.split}: {metric_name(task)} = {result['score']:.4f} on "
+             f"{len(enc)} examples -> {path}")
+    dist.barrier()  # collective: every rank; rank 0 has written the result
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: user errors print one `error:` line and return 2 (cli.run_entry's rules)."""
+    import sys
+
+    from dtvg_ds.cli import USER_ERRORS, report_error, shutdown
+    from dtvg_ds.export import ExportError
+
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        score_artifact(args)
+    except dist.PeerError as e:
+        if dist.local_rank() == 0:
+            report_error(e)
+        return 2
+    except (*USER_ERRORS, ExportError) as e:
+        report_error(e)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    from dtvg_ds.cli import exit_process
+
+    exit_process(main())

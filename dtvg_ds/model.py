@@ -137,6 +137,22 @@ def init_prompt(backbone: nn.Module, num_tokens: int, method: str, seed: int,
         return emb.detach()[rows].float().cpu().clone()
 
 
+class FixedPrompt(nn.Module):
+    """A prompter for `PromptedSeq2Seq` that returns one saved r x d prompt (inference)."""
+
+    def __init__(self, prompt: torch.Tensor):
+        super().__init__()
+        # A buffer, not a parameter: inference only, and .to(device/dtype) moves it along.
+        self.register_buffer("prompt", prompt.detach().float().clone())
+
+    def forward(self, **_: Any) -> torch.Tensor:
+        return self.prompt
+
+    def batch_extras(self, idx: list[int], ex_tasks: list[str]) -> dict[str, torch.Tensor]:
+        """No per-example inputs: the same prompt for every example."""
+        return {}
+
+
 class PromptedSeq2Seq(nn.Module):
     """Frozen encoder-decoder + a prompt module whose forward() returns the r x d prompt."""
 

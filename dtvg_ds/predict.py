@@ -31,25 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dtvg_ds.artifacts import ArtifactError, PromptArtifact, atomic_write_bytes, load_artifact
 
 
 class PredictError(ValueError):
     """A bad predict request: missing/invalid input, existing output, unknown task..."""
-
-
-class FixedPrompt(nn.Module):
-    """A prompter for `PromptedSeq2Seq` that returns one saved r x d prompt."""
-
-    def __init__(self, prompt: torch.Tensor):
-        super().__init__()
-        # A buffer, not a parameter: inference only, and .to(device/dtype) moves it along.
-        self.register_buffer("prompt", prompt.detach().float().clone())
-
-    def forward(self, **_: Any) -> torch.Tensor:
-        return self.prompt
 
 
 def build_model(art: PromptArtifact, model_name_or_path: str, dtype: torch.dtype = torch.float32,
@@ -59,7 +46,7 @@ def build_model(art: PromptArtifact, model_name_or_path: str, dtype: torch.dtype
     from transformers import AutoTokenizer
 
     from dtvg_ds.export import artifact_prompt, check_backbone, load_backbone_config, resolve_backbone
-    from dtvg_ds.model import PromptedSeq2Seq, load_backbone
+    from dtvg_ds.model import FixedPrompt, PromptedSeq2Seq, load_backbone
 
     prompt = artifact_prompt(art, mpt_task)
     path = resolve_backbone(model_name_or_path, cache_dir)
@@ -222,6 +209,8 @@ def run(args: argparse.Namespace) -> Path:
     # Generating with a running job's best-so-far prompt is a fair way to watch it: warn only.
     art = load_artifact(args.artifact, allow_in_progress=True)
     items = load_items(args.input, args.task)
+    if args.deepspeed:
+        return _run_sharded(args, art, items, out)
     model, tokenizer = build_model(art, args.model_name_or_path or str(art.meta["backbone"]),
                                    torch.bfloat16 if args.bf16 else torch.float32,
                                    args.mpt_task, args.cache_dir)
@@ -232,6 +221,31 @@ def run(args: argparse.Namespace) -> Path:
     rows = [{**it.row, "source": it.source, "prediction": p}
             for it, p in zip(items, preds, strict=True)]
     write_jsonl_atomic(out, rows)
+    return out
+
+
+def _run_sharded(args: argparse.Namespace, art: PromptArtifact, items: list[Item],
+                 out: Path) -> Path:
+    """`--deepspeed`: the backbone sharded over the launcher's ranks (as in training), each rank
+    decoding its share of the inputs; rank 0 writes every prediction, in input order."""
+    from dtvg_ds import dist, inference
+    from dtvg_ds.data import batches
+    from dtvg_ds.evaluation import generate_all
+    from dtvg_ds.export import artifact_prompt
+
+    inference.start_process_group()
+    dec = inference.build_decoder(art, artifact_prompt(art, args.mpt_task),
+                                  args.model_name_or_path or str(art.meta["backbone"]),
+                                  args.deepspeed, args.bf16, args.cache_dir)
+    recs = [{"source": it.source, "target": ""} for it in items]
+    enc = batches.encode(recs, dec.tokenizer, args.max_source_length, 1)
+    preds, _ = generate_all(dec.engine, dec.model, enc, dec.tokenizer, args.batch_size,
+                            args.max_new_tokens, dec.zero_stage, args.eval_gather_backbone,
+                            progress=not args.quiet)
+    if dist.is_main():
+        write_jsonl_atomic(out, [{**it.row, "source": it.source, "prediction": p}
+                                 for it, p in zip(items, preds, strict=True)])
+    dist.barrier()  # collective: every rank; rank 0 has written the output
     return out
 
 
@@ -249,7 +263,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--max_source_length", type=int, default=256, help="as in training")
     ap.add_argument("--mpt_task", default=None, help="MPT source artifacts: whose prompt to use")
     ap.add_argument("--bf16", action="store_true", help="load the backbone in bfloat16")
-    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (one device; "
+                    "--deepspeed shards the backbone over a launcher's ranks instead)")
+    ap.add_argument("--deepspeed", default=None,
+                    help="DeepSpeed config as in training (path or shipped name, e.g. zero3): "
+                         "run under a launcher with the backbone sharded, e.g. `deepspeed "
+                         "--num_gpus 8 --module dtvg_ds.predict --deepspeed zero3 ...`")
+    ap.add_argument("--eval_gather_backbone", default="auto", choices=["auto", "always", "never"],
+                    help="with --deepspeed: gather the backbone once for decoding when it fits")
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--cache_dir", default=".cache", help="where the 'demo' backbone is cached")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -258,6 +280,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: user errors print one `error:` line and return 2."""
+    from dtvg_ds import dist
+    from dtvg_ds.cli import USER_ERRORS, report_error, shutdown
     from dtvg_ds.data.tasks import TaskError
     from dtvg_ds.export import ExportError
     from dtvg_ds.model import ModelLoadError
@@ -265,12 +289,22 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         out = run(args)
-    except (PredictError, ArtifactError, ExportError, ModelLoadError, TaskError) as e:
-        sys.stderr.write(f"error: {' '.join(str(e).split())}\n")
+        main_rank = dist.is_main()
+    except dist.PeerError as e:
+        if dist.local_rank() == 0:
+            report_error(e)
         return 2
-    print(f"predictions written to {out}")
+    except (PredictError, ArtifactError, ExportError, ModelLoadError, TaskError, *USER_ERRORS) as e:
+        report_error(e)
+        return 2
+    finally:
+        shutdown()
+    if main_rank:
+        print(f"predictions written to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dtvg_ds.cli import exit_process
+
+    exit_process(main())

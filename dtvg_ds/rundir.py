@@ -40,7 +40,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "output_dir", "eval_gather_backbone", "per_device_eval_batch_size", "fingerprint_every",
     "gradient_checkpointing", "cache_dir", "tokenized_cache", "config", "deepspeed",
     "run_name", "ddp_timeout", "disable_tqdm", "debug", "allow_in_progress_artifacts",
-    "log_level", "log_on_each_node"})
+    "log_level", "log_on_each_node", "do_test", "max_test_samples"})
 
 
 def owned(name: str) -> bool:

@@ -21,8 +21,7 @@ from dtvg_ds.export import (
     import_peft,
     main,
 )
-from dtvg_ds.model import PromptedSeq2Seq, backbone_fingerprint, init_prompt
-from dtvg_ds.predict import FixedPrompt
+from dtvg_ds.model import FixedPrompt, PromptedSeq2Seq, backbone_fingerprint, init_prompt
 from tests.conftest import build_tiny_t5
 
 peft = pytest.importorskip("peft")
