@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_standard_t5(out: Path, seed: int = 0) -> Path:
@@ -63,3 +67,34 @@ def build_xl_t5(out: Path, seed: int = 0) -> Path:
     del model
     tmp.rename(out)  # a crash mid-save never leaves a half-written model that looks complete
     return out
+
+
+def standard_run(prefix: str, flags: dict[str, Any],
+                 prepare: Callable[[Path], None] | None = None) -> tuple[Any, Path]:
+    """The engine set up by hand on the standard backbone, for benches that drive its steps
+    themselves (all ranks, under a launcher): (`engine.Run`, the run's temp dir).
+
+    Rank 0 builds the backbone (once, `.cache/bench_t5`) and runs `prepare(tmp)` (data, DS
+    config); `flags` are training flags over the defaults below (`True` = a bare switch; `{tmp}`
+    in a value is the temp dir).
+    """
+    import tempfile
+
+    from dtvg_ds import dist
+    from dtvg_ds.config import parse_config
+    from dtvg_ds.engine import setup
+
+    dist.init()
+    tmp = Path(dist.broadcast_object(tempfile.mkdtemp(prefix=prefix)))  # collective: rank 0's dir
+    model_dir = ROOT / ".cache" / "bench_t5"
+    if dist.is_main():
+        build_standard_t5(model_dir)
+        if prepare is not None:
+            prepare(tmp)
+    dist.barrier()  # collective: rank 0 has built the backbone and prepared the inputs
+    base = {"task": "senti_a", "model_name_or_path": str(model_dir),
+            "output_dir": str(tmp / "run"), "num_virtual_tokens": 100, "report_to": "none"}
+    argv: list[str] = []
+    for k, v in {**base, **flags}.items():
+        argv += [f"--{k}"] if v is True else [f"--{k}", str(v).format(tmp=tmp)]
+    return setup(parse_config(argv)), tmp

@@ -8,19 +8,17 @@ Prints one JSON line (rank 0) with samples/s of both paths and whether predictio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import build_standard_t5  # noqa: E402
+from bench.common import standard_run  # noqa: E402
 from dtvg_ds import dist  # noqa: E402
-from dtvg_ds.config import parse_config  # noqa: E402
-from dtvg_ds.engine import setup  # noqa: E402
 from dtvg_ds.evaluation import evaluate  # noqa: E402
 
 
@@ -31,24 +29,14 @@ def main() -> None:
     ap.add_argument("--max_new_tokens", type=int, default=8)
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
-    model_dir = Path(".cache/bench_t5")
-    tmp = tempfile.mkdtemp(prefix="evalbench-")
-    dist.init()
-    if dist.is_main():
-        build_standard_t5(model_dir)
-    dist.barrier()
-    out = dist.broadcast_object(tmp)
-    cfg = parse_config(["--task", "senti_a", "--model_name_or_path", str(model_dir),
-                        "--output_dir", f"{out}/run", "--num_virtual_tokens", "100",
-                        "--max_eval_samples", str(args.samples), "--per_device_eval_batch_size",
-                        "32", "--generation_max_length", str(args.max_new_tokens),
-                        "--max_steps", "1", "--max_train_samples", "64", "--report_to", "none"])
-    run = setup(cfg)
+    run, _ = standard_run("evalbench-", {
+        "max_eval_samples": args.samples, "per_device_eval_batch_size": 32,
+        "generation_max_length": args.max_new_tokens, "max_steps": 1, "max_train_samples": 64})
     res: dict[str, list[float]] = {"naive": [], "resident": []}
     scores = {}
     for _ in range(args.reps):
         for mode, flag in (("naive", "never"), ("resident", "always")):
-            cfg.eval_gather_backbone = flag
+            cfg = dataclasses.replace(run.cfg, eval_gather_backbone=flag)
             t0 = time.perf_counter()
             r = evaluate(run.engine, run.model, run.valid, run.task, run.tokenizer, cfg, 3)
             res[mode].append(args.samples / (time.perf_counter() - t0))

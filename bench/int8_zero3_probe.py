@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import build_standard_t5  # noqa: E402
+from bench.common import standard_run  # noqa: E402
 from dtvg_ds import dist, quant  # noqa: E402
-from dtvg_ds.config import parse_config  # noqa: E402
 from dtvg_ds.data import batches  # noqa: E402
-from dtvg_ds.engine import setup  # noqa: E402
 
 
 def _int8_layers(model):
@@ -54,19 +51,11 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     quant.check_zero_combination = lambda *a, **k: []  # the bypass: this script only
-    model_dir = Path(".cache/bench_t5")
-    dist.init()
-    if dist.is_main():
-        build_standard_t5(model_dir)
-    dist.barrier()
-    out = dist.broadcast_object(tempfile.mkdtemp(prefix="int8z3-"))
-    ds = "ds_configs/zero3.json" if args.stage == 3 else "ds_configs/zero2_8bit.json"
-    cfg = parse_config(["--task", "senti_a", "--model_name_or_path", str(model_dir),
-                        "--output_dir", f"{out}/run", "--num_virtual_tokens", "20",
-                        "--deepspeed", ds, "--load_in_8bit", "--max_steps", str(args.steps),
-                        "--per_device_train_batch_size", "4", "--max_train_samples", "64",
-                        "--max_source_length", "64", "--report_to", "none"])
-    run = setup(cfg)
+    ds = "zero3" if args.stage == 3 else "zero2_8bit"
+    run, _ = standard_run("int8z3-", {
+        "num_virtual_tokens": 20, "deepspeed": ds, "load_in_8bit": True, "max_steps": args.steps,
+        "per_device_train_batch_size": 4, "max_train_samples": 64, "max_source_length": 64})
+    cfg = run.cfg
     layers = _int8_layers(run.model.backbone)
     held0 = _held(layers)
     full = sum(getattr(m.weight, "ds_numel", m.weight.numel()) for m in layers)

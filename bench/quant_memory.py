@@ -20,7 +20,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,27 +39,17 @@ def run_case(name: str, steps: int) -> None:
     """Under a launcher: set up, train `steps` steps, print one JSON line per rank."""
     import torch
 
-    from bench.common import build_standard_t5
+    from bench.common import standard_run
     from dtvg_ds import dist, quant
     from dtvg_ds import plan as P
-    from dtvg_ds.config import parse_config
     from dtvg_ds.data import batches
-    from dtvg_ds.engine import setup
 
     ds, flags, q = CASES[name]
-    model_dir = ROOT / ".cache" / "bench_t5"
-    dist.init()
-    if dist.is_main():
-        build_standard_t5(model_dir)
-    dist.barrier()
-    out = dist.broadcast_object(tempfile.mkdtemp(prefix="qmem-"))
-    cfg = parse_config(["--task", "senti_a", "--model_name_or_path", str(model_dir),
-                        "--output_dir", f"{out}/run", "--num_virtual_tokens", "100",
-                        "--deepspeed", str(ROOT / ds), "--bf16", *flags,
-                        "--max_steps", str(steps), "--per_device_train_batch_size", "8",
-                        "--max_train_samples", "256", "--max_source_length", "128",
-                        "--report_to", "none"])
-    run = setup(cfg)
+    run, _ = standard_run("qmem-", {
+        "deepspeed": ROOT / ds, "bf16": True, **{f.lstrip("-"): True for f in flags},
+        "max_steps": steps, "per_device_train_batch_size": 8, "max_train_samples": 256,
+        "max_source_length": 128})
+    cfg = run.cfg
     times = []
     for step in range(steps):
         idx = batches.micro_batch_indices(len(run.train), cfg.seed, step, 8, dist.rank(),
@@ -70,7 +59,7 @@ def run_case(name: str, steps: int) -> None:
         run.engine.backward(loss)
         run.engine.step()
         times.append(time.perf_counter() - t0)
-    config, _ = P.load_config(str(model_dir))
+    config, _ = P.load_config(run.cfg.model_name_or_path)
     predicted = P.plan(config, dist.world_size(), run.ds, num_virtual_tokens=100, bf16=True,
                        quantize=q)["backbone"]["bytes_per_rank"]
     print(json.dumps({

@@ -21,7 +21,6 @@ import json
 import pstats
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,12 +31,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
 
-from bench.common import build_standard_t5  # noqa: E402
+from bench.common import standard_run  # noqa: E402
 from bench.step_time import write_long_task  # noqa: E402
 from dtvg_ds import dist  # noqa: E402
-from dtvg_ds.config import parse_config  # noqa: E402
 from dtvg_ds.data import batches  # noqa: E402
-from dtvg_ds.engine import setup  # noqa: E402
 
 PHASE = ["setup"]
 CALLS: Counter = Counter()
@@ -93,21 +90,16 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true", help="print rank 0's top functions")
     ap.add_argument("--local_rank", type=int, default=0)
     a = ap.parse_args()
-    dist.init()
-    tmp = Path(dist.broadcast_object(tempfile.mkdtemp(prefix="z3prof-")))
-    model_dir = ROOT / ".cache" / "bench_t5"
-    if dist.is_main():
-        build_standard_t5(model_dir)
+    def prepare(tmp: Path) -> None:
         write_long_task(tmp / "data")
         apply_overrides(a.config, a.set, tmp)
-    dist.barrier()
-    cfg = parse_config(["--task", "long", "--data_dir", str(tmp / "data"), "--deepspeed",
-                        str(tmp / "ds.json"), "--model_name_or_path", str(model_dir),
-                        "--output_dir", str(tmp / "run"), "--num_virtual_tokens", "100",
-                        "--max_source_length", "129", "--max_steps", str(a.steps),
-                        "--per_device_train_batch_size", "8", "--report_to", "none",
-                        "--tokenized_cache", "false"])
-    run = setup(cfg)
+
+    run, tmp = standard_run("z3prof-", {
+        "task": "long", "data_dir": "{tmp}/data", "deepspeed": "{tmp}/ds.json",
+        "max_source_length": 129,
+        "max_steps": a.steps, "per_device_train_batch_size": 8, "tokenized_cache": "false"},
+        prepare)
+    cfg = run.cfg
     instrument()
     eng = run.engine
     t_fwd, t_bwd, t_step = [], [], []

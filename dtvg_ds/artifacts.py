@@ -43,7 +43,9 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or new file in `path` durable (best effort where directories cannot be
+    opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -67,7 +69,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -44,18 +44,17 @@ from typing import Any
 import torch
 
 from dtvg_ds import dist
-from dtvg_ds.artifacts import atomic_write_bytes, atomic_write_json
+from dtvg_ds.artifacts import atomic_write_bytes, atomic_write_json, fsync_dir
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 LATEST_FILE = "latest"
 TMP_PREFIX = ".tmp-"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-# errnos that mean "the output filesystem refuses writes": always the user's to fix
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES,
-                          errno.EPERM, errno.ENOTDIR, errno.EISDIR})
-
-_resumed_from: Path | None = None  # the checkpoint this process resumed from (never pruned)
+# errnos that mean "the output filesystem refuses writes": always the user's to fix.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})  # whichever file
+PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR})  # a path of ours
+WRITE_ERRNOS = DISK_ERRNOS | PATH_ERRNOS
 
 
 class CheckpointError(ValueError):
@@ -226,14 +225,6 @@ def _load_rng(d: Path) -> None:
     random.setstate((version, tuple(state), gauss))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _commit(tmp: Path, final: Path, step: int, state: dict[str, Any]) -> None:
     """Rank 0: manifest, marker, rename into place, `latest`."""
     manifest = build_manifest(tmp, step)
@@ -243,14 +234,14 @@ def _commit(tmp: Path, final: Path, step: int, state: dict[str, Any]) -> None:
             "manifest_sha256": hashlib.sha256(blob).hexdigest()}
     full["state_sha256"] = _state_digest(full)
     atomic_write_json(tmp / STATE_FILE, full)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = None
     if final.exists():  # a torn or stale dir of the same step (e.g. resumed from an older one)
         old = final.with_name(f"{TMP_PREFIX}old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     atomic_write_bytes(final.parent / LATEST_FILE, final.name.encode())  # DeepSpeed's pointer
@@ -259,7 +250,8 @@ def _commit(tmp: Path, final: Path, step: int, state: dict[str, Any]) -> None:
 def save(engine: Any, out_dir: str | Path, step: int, state: dict[str, Any],
          best_tensors: dict[str, torch.Tensor] | None, keep: int,
          protect: Path | None = None) -> Path:
-    """Write a checkpoint of `step` (all ranks call this), then prune to the newest `keep`.
+    """Write a checkpoint of `step` (all ranks call this), then prune to the newest `keep`;
+    `protect` (the checkpoint this run resumed from) is never pruned.
 
     A write refused by the filesystem raises `OutputWriteError` (exit code 2); the step dir is
     then never created, so the previous checkpoints stay the newest complete ones.
@@ -342,8 +334,6 @@ def _prune(root: Path, keep: int, protect: set[Path]) -> None:
     """Keep the newest `keep` complete checkpoints, plus every protected one and the newest
     valid one; remove stale `.tmp-*` dirs of interrupted saves."""
     protect = {p.resolve() for p in protect}
-    if _resumed_from is not None:
-        protect.add(_resumed_from)
     done = _complete(root)
     newest_ok = _newest_valid(root, {p for p in done if p.resolve() in protect})
     if newest_ok is not None:
@@ -407,7 +397,6 @@ def load(engine: Any, d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     `d` comes from `find_resume`, which verified it against its manifest. Returns (trainer
     state, best tensors).
     """
-    global _resumed_from
     from safetensors.torch import load as st_load
 
     state = json.loads((d / STATE_FILE).read_text())
@@ -422,5 +411,4 @@ def load(engine: Any, d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
     _load_rng(d)
     best_f = d / "best.safetensors"
     best = st_load(best_f.read_bytes()) if best_f.is_file() else {}
-    _resumed_from = d.resolve()
     return state, best

@@ -19,18 +19,20 @@ from typing import Any, NoReturn
 
 from dtvg_ds import dist
 from dtvg_ds.artifacts import ArtifactError
-from dtvg_ds.checkpoint import CheckpointError, OutputWriteError, write_error_message
+from dtvg_ds.checkpoint import (
+    DISK_ERRNOS,
+    PATH_ERRNOS,
+    CheckpointError,
+    OutputWriteError,
+    write_error_message,
+)
 from dtvg_ds.config import ConfigError, TrainConfig, parse_config
-from dtvg_ds.data.tasks import TaskError
+from dtvg_ds.data.zoo import TaskError
 from dtvg_ds.engine import Preempted, TrainingError
 from dtvg_ds.model import ModelLoadError
 
 USER_ERRORS = (ConfigError, ArtifactError, TaskError, ModelLoadError, CheckpointError,
                TrainingError)
-# Always a problem of the disk, whichever file it hit.
-_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
-# A problem of the disk when it hit a path under the output directory.
-_PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR})
 
 
 def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
@@ -157,9 +159,9 @@ def _under(path: Any, root: str) -> bool:
 
 
 def _is_output_write_error(e: OSError, out_dir: str) -> bool:
-    if e.errno in _DISK_ERRNOS:
+    if e.errno in DISK_ERRNOS:  # a problem of the disk, whichever file it hit
         return True
-    return e.errno in _PATH_ERRNOS and bool(e.filename) and _under(e.filename, out_dir)
+    return e.errno in PATH_ERRNOS and bool(e.filename) and _under(e.filename, out_dir)
 
 
 def _write_line(e: OSError, out_dir: str) -> str:

@@ -146,7 +146,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank if `flag` is True on at least one rank (e.g. a SIGTERM arrived)."""
     if not tdist.is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)  # collective: every rank, 4 bytes
     return bool(t.item() > 0)
 
@@ -179,13 +179,6 @@ def local_first(fn: Callable[[], T]) -> T:
         raise PeerError("stopped: the local rank 0 of a node failed to read the run's inputs "
                         "(its error is printed above)")
     return result if first else fn()
-
-
-def _comm_device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    name = get_accelerator().device_name()
-    return torch.device("cpu") if name == "cpu" else torch.device(name, local_rank())
 
 
 def fingerprint(tensors: Sequence[torch.Tensor]) -> str:

@@ -33,7 +33,7 @@ from dtvg_ds.config import (
 from dtvg_ds.config import zero_stage as get_zero_stage
 from dtvg_ds.data import batches
 from dtvg_ds.data.mixtures import MIX_SEPARATOR, MixtureTask, is_mixture
-from dtvg_ds.data.tasks import Task, get_task
+from dtvg_ds.data.zoo import Task, get_task
 from dtvg_ds.evaluation import evaluate, metric_name
 from dtvg_ds.logs import RunLogger, configure_logging, info, progress
 from dtvg_ds.methods import build_method, load_inputs
@@ -376,7 +376,7 @@ def check_frozen(run: Run) -> None:
          f"{quant.local_bytes(run.model.backbone):,} backbone bytes held)")
 
 
-def check_replicas(method: PromptMethod, step: int) -> str:
+def check_prompt_replicas(method: PromptMethod, step: int) -> str:
     """Stop loudly if the replicated prompt parameters ever differ between ranks."""
     named = method.named_trainable()
     with dist.gathered([p for _, p in named]):
@@ -387,7 +387,7 @@ def _best_tensors(method: PromptMethod) -> dict[str, torch.Tensor]:
     return {"prompt": method.export_prompt(), **method.extra_tensors()}
 
 
-def export(run: Run, best: Best, steps: int, final: bool = False) -> Path:
+def export_artifact(run: Run, best: Best, steps: int, final: bool = False) -> Path:
     """Write the best prompt as the run's prompt artifact (rank 0, atomically). Until the run
     ends (`final`) it is marked in progress, so no later stage takes it for a finished one."""
     out = Path(run.cfg.output_dir)
@@ -446,14 +446,14 @@ def _micro_steps(run: Run, step: int, dev: torch.device) -> float:
     return total
 
 
-def _save(run: Run, step: int, best: Best) -> None:
+def _save(run: Run, step: int, best: Best, resumed_from: Path | None) -> None:
     with run.mem.phase("checkpoint_save", step=step):
         checkpoint.save(run.engine, run.cfg.output_dir, step,
                         {"best_score": best.score, "best_step": best.step,
                          "best_metrics": best.metrics, "method_state": run.method.extra_state(),
                          "best_method_meta": best.method_meta,
                          "run_id": run.run_id, "config": run.cfg.to_dict()},
-                        best.tensors, run.cfg.save_total_limit)
+                        best.tensors, run.cfg.save_total_limit, protect=resumed_from)
 
 
 def _selection(run: Run, res: dict[str, Any]) -> float:
@@ -559,7 +559,7 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
             rundir.finish_replacing(run.replaced)  # the new run has started: drop the old one
         bar.update(1)
         if cfg.fingerprint_every and _every(cfg.fingerprint_every, step, cfg.max_steps):
-            check_replicas(method, step)
+            check_prompt_replicas(method, step)
         if _every(cfg.logging_steps, step, cfg.max_steps):
             loss = sum(dist.gather_objects(loss_sum / loss_n)) / dist.world_size()  # collective
             now = time.time()
@@ -572,11 +572,11 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
             score = _selection(run, res)
             if score > best.score:  # keep the best prompt (all ranks hold it)
                 best = Best(score, step, res, _best_tensors(method), method.artifact_meta())
-                export(run, best, step)
+                export_artifact(run, best, step)
         preempted = dist.any_rank(stop_signal.signum is not None)  # collective: 4 bytes
         stopping = step == cfg.stop_at_step or preempted
         if _every(cfg.save_steps, step, cfg.max_steps) or stopping:
-            _save(run, step, best)
+            _save(run, step, best, resume_dir)  # the checkpoint we resumed from is kept
         if stopping:
             bar.close()
             why = "a termination signal" if preempted else "--stop_at_step"
@@ -590,7 +590,7 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
     check_frozen(run)
     if not best.tensors:  # resumed at max_steps, or eval never ran: export the current prompt
         best = Best(best.score, step, best.metrics, _best_tensors(method))
-    out = export(run, best, step, final=True)
+    out = export_artifact(run, best, step, final=True)
     name, value = _best_value(run, best)
     summary = {"output_dir": str(out), "best_score": value, "best_step": best.step,
                "metric": name, "best_metrics": best.metrics, "steps": step}

@@ -18,7 +18,7 @@ from dtvg_ds import dist
 from dtvg_ds.config import TrainConfig
 from dtvg_ds.data import batches, metrics
 from dtvg_ds.data.mixtures import MixtureTask
-from dtvg_ds.data.tasks import Task
+from dtvg_ds.data.zoo import Task
 from dtvg_ds.logs import info
 from dtvg_ds.model import PromptedSeq2Seq
 
@@ -223,7 +223,7 @@ def score_artifact(args: Any) -> dict[str, Any]:
     """Everything `main` does (all ranks); returns the result written on rank 0."""
     from dtvg_ds import artifacts, inference
     from dtvg_ds.data.mixtures import MIX_SEPARATOR, is_mixture
-    from dtvg_ds.data.tasks import get_task
+    from dtvg_ds.data.zoo import get_task
     from dtvg_ds.export import artifact_prompt
     from dtvg_ds.logs import configure_logging
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dtvg_ds import hub
 from dtvg_ds.config import DEMO_MODEL
 from dtvg_ds.data.mixtures import MIX_SEPARATOR
-from dtvg_ds.data.tasks import GROUPS, TaskError, get_task
+from dtvg_ds.data.zoo import GROUPS, TaskError, get_task
 
 
 def fetch_task(name: str, data_dir: str = "", splits: Sequence[str] = ()) -> dict[str, int]:

@@ -137,7 +137,7 @@ def load_items(path: str | Path, task_name: str | None = None) -> list[Item]:
     """Every input of the file, as model inputs (a template may make several of one line)."""
     task = None
     if task_name:
-        from dtvg_ds.data.tasks import get_task
+        from dtvg_ds.data.zoo import get_task
 
         task = get_task(task_name)
     items: list[Item] = []
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: user errors print one `error:` line and return 2."""
     from dtvg_ds import dist
     from dtvg_ds.cli import USER_ERRORS, report_error, shutdown
-    from dtvg_ds.data.tasks import TaskError
+    from dtvg_ds.data.zoo import TaskError
     from dtvg_ds.export import ExportError
     from dtvg_ds.model import ModelLoadError
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from dtvg_ds.data import splits
 from dtvg_ds.data.metrics import PRIMARY
-from dtvg_ds.data.tasks import GROUPS, TASKS, Task
+from dtvg_ds.data.zoo import GROUPS, TASKS, Task
 
 _POLICY = {
     splits.HALVE: "Hub validation halved by seed into dev/test",

@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dtvg_ds.data import metrics, splits  # noqa: E402
-from dtvg_ds.data.tasks import GROUPS, TASKS, Task, get_task  # noqa: E402
+from dtvg_ds.data.zoo import GROUPS, TASKS, Task, get_task  # noqa: E402
 
 Record = dict[str, Any]
 # Metric families whose primary score is exactly 100 when every prediction is the gold target.

@@ -120,7 +120,7 @@ def assert_first_step_matches(backbone, model_dir: Path, facts: list[dict]) -> N
     from transformers import AutoTokenizer
 
     from dtvg_ds.data import batches
-    from dtvg_ds.data.tasks import get_task
+    from dtvg_ds.data.zoo import get_task
     from dtvg_ds.methods.pt import PromptTuning
     from dtvg_ds.model import PromptedSeq2Seq, init_prompt
 

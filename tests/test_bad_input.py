@@ -22,7 +22,7 @@ import torch
 
 from dtvg_ds.artifacts import save_artifact
 from dtvg_ds.cli import run_entry
-from dtvg_ds.data.tasks import TaskError
+from dtvg_ds.data.zoo import TaskError
 from dtvg_ds.engine import train
 from tests.conftest import ROOT, build_tiny_t5, launch, train_args
 

@@ -55,11 +55,6 @@ def _save(out, step, keep=5, value=None):
                    {"prompt": torch.ones(2, 3) * step}, keep)
 
 
-@pytest.fixture(autouse=True)
-def _no_resumed_from(monkeypatch):
-    monkeypatch.setattr(ck, "_resumed_from", None)
-
-
 def _names(out):
     return sorted(p.name for p in ck.ckpt_root(out).iterdir())
 
@@ -140,9 +135,11 @@ def test_load_restores_and_the_resumed_checkpoint_is_never_pruned(tmp_path):
     state, best = ck.load(eng, d1)
     assert state["step"] == 1 and eng.loaded["module"]["prompt"][0] == 1.0
     torch.testing.assert_close(best["prompt"], torch.ones(2, 3))
-    for step in (2, 3, 4):
-        _save(tmp_path, step, keep=1)
+    for step in (2, 3, 4):  # the engine passes the checkpoint it resumed from as `protect`
+        ck.save(FakeEngine(float(step)), tmp_path, step, dict(STATE), {}, 1, protect=d1)
     assert _names(tmp_path) == ["latest", "step-00000001", "step-00000004"]
+    _save(tmp_path, 5, keep=1)  # a run that did not resume protects nothing of the old ones
+    assert _names(tmp_path) == ["latest", "step-00000005"]
 
 
 def test_prune_keeps_the_last_k_and_the_newest_valid(tmp_path):

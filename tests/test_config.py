@@ -259,7 +259,7 @@ def test_python_logging_levels(capsys):
 def test_metric_for_best_model_selects_and_reports():
     from types import SimpleNamespace
 
-    from dtvg_ds.data.tasks import get_task
+    from dtvg_ds.data.zoo import get_task
     from dtvg_ds.engine import Best, _best_value, _selection
 
     res = {"score": 80.0, "accuracy": 80.0, "f1": 70.0, "average": 75.0}

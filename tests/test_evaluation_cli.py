@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, VENV_BIN, ds_env, free_port, launch, read_jsonl, train_args
 
 from dtvg_ds.data import metrics
-from dtvg_ds.data.tasks import get_task
+from dtvg_ds.data.zoo import get_task
 
 pytestmark = pytest.mark.dist
 N_TEST = 24

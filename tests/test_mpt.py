@@ -73,7 +73,7 @@ def _source(model_dir, root, **backbone_kw):
 
     from dtvg_ds.config import parse_config
     from dtvg_ds.data import batches
-    from dtvg_ds.data.tasks import get_task
+    from dtvg_ds.data.zoo import get_task
     from dtvg_ds.methods.mpt import MPTSource
     from dtvg_ds.model import PromptedSeq2Seq
 

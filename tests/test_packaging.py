@@ -10,6 +10,7 @@ activate), as the first assertion checks.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,8 +26,13 @@ pytestmark = pytest.mark.dist
 def fresh(tmp_path_factory) -> Path:
     """The python of a fresh venv with dtvg_ds installed from a wheel of this checkout."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the working tree: setuptools never empties a build/ dir, so a wheel
+    # built in the checkout could carry modules that were since renamed or deleted.
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", "build", "dist", "out", "*.egg-info", "__pycache__", "runs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", str(ROOT), "-w", str(tmp / "dist")],
+                    "--no-build-isolation", str(src), "-w", str(tmp / "dist")],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp / "dist").glob("dtvg_ds-*.whl")
     venv = tmp / "venv"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from dtvg_ds.data import splits
-from dtvg_ds.data.tasks import GROUPS, TASKS, Task, TaskError, get_task
+from dtvg_ds.data.zoo import GROUPS, TASKS, Task, TaskError, get_task
 
 Rows = list[dict[str, Any]]
 

@@ -19,7 +19,7 @@ import pytest
 from test_tasks import CASES, _as_records, _write
 
 from dtvg_ds.data import formats, sources
-from dtvg_ds.data.tasks import TASKS, Task, TaskError, get_task
+from dtvg_ds.data.zoo import TASKS, Task, TaskError, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 

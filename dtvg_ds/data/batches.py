@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dtvg_ds.data.tasks import Record
+from dtvg_ds.data.zoo import Record
 
 
 @dataclass(eq=False)

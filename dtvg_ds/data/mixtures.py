@@ -62,7 +62,7 @@ def load_mixture(names: Sequence[str], split: str = "train", data_dir: str = "",
     `data_dir` holds one sub-folder per task (`<data_dir>/<task>/train.jsonl`, ...). Evaluation
     should stay per task (each has its own metric): load those splits with `Task.load`.
     """
-    from dtvg_ds.data.tasks import GROUPS, get_task
+    from dtvg_ds.data.zoo import GROUPS, get_task
 
     expanded: list[str] = []
     for n in names:
@@ -87,7 +87,7 @@ class MixtureTask:
     labels = None
 
     def __init__(self, members: Sequence[str], data_dir: str = "", cap: int = 0):
-        from dtvg_ds.data.tasks import get_task
+        from dtvg_ds.data.zoo import get_task
 
         self.members = tuple(get_task(m, data_dir) for m in members)
         self.name = MIX_SEPARATOR.join(t.name for t in self.members)

@@ -28,7 +28,7 @@ def build_method(cfg: TrainConfig, p_init: torch.Tensor, meta: dict[str, Any],
     if cfg.method == "dtvg":
         return DTVG(p_init, inputs, cfg)
     if cfg.method == "mpt_source":
-        from dtvg_ds.data.tasks import resolve_name
+        from dtvg_ds.data.zoo import resolve_name
         from dtvg_ds.methods.mpt import MPTSource
 
         order = {resolve_name(n): i for i, n in enumerate(cfg.task.split("+"))}

@@ -16,7 +16,7 @@ import torch
 
 from dtvg_ds.artifacts import ArtifactError, PromptArtifact, check_compatible, load_artifact
 from dtvg_ds.config import TrainConfig
-from dtvg_ds.data.tasks import resolve_name
+from dtvg_ds.data.zoo import resolve_name
 
 # Settings that define P_init; adopted from the target artifact unless given explicitly.
 _INIT_SETTINGS = (("num_virtual_tokens", "num_tokens"), ("prompt_init", "init_method"),

@@ -29,7 +29,7 @@ from dtvg_ds import dist, prompt_math
 from dtvg_ds.artifacts import PromptArtifact
 from dtvg_ds.config import TrainConfig
 from dtvg_ds.data import batches
-from dtvg_ds.data.tasks import resolve_name
+from dtvg_ds.data.zoo import resolve_name
 from dtvg_ds.methods.base import PromptMethod
 
 
