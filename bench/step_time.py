@@ -48,7 +48,8 @@ def make_sources(model_dir: Path, out: Path, n: int = 6, r: int = 100) -> list[P
     from transformers import AutoModelForSeq2SeqLM
 
     from dtvg_ds.artifacts import save_artifact
-    from dtvg_ds.model import backbone_fingerprint, init_prompt
+    from dtvg_ds.backbone import fingerprint as backbone_fingerprint
+    from dtvg_ds.model import init_prompt
 
     bb = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     p_init, fp = init_prompt(bb, r, "vocab", 0), backbone_fingerprint(bb.config)

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from dtvg_ds import artifacts, checkpoint, dist, hub, memtrace, quant, rundir
+from dtvg_ds.backbone import check_artifact, fingerprint, read_config, resolve_on_all_ranks
+from dtvg_ds.backbone import resolve as resolve_backbone
 from dtvg_ds.config import (
     DEMO_MODEL,
     ConfigError,
@@ -41,8 +43,6 @@ from dtvg_ds.methods.base import PromptMethod
 from dtvg_ds.model import (
     FixedPrompt,
     PromptedSeq2Seq,
-    backbone_fingerprint,
-    check_backbone_source,
     count_parameters,
     init_prompt,
     load_backbone,
@@ -144,8 +144,12 @@ def read_sources(cfg: TrainConfig, task: Any, inputs: Any) -> tuple[str, dict[st
     --data_dir (the test split too with --do_test, so a missing one fails now, not after
     training). Run through `dist.local_first`: ranks other than a node's first read only the
     node's cache (never the Hub) for the backbone."""
-    path = hub.backbone_dir(cfg.model_name_or_path, cache_only=dist.local_rank() != 0)
-    check_backbone_source(cfg.model_name_or_path, inputs, path)  # loads; artifacts' backbone
+    name, path = cfg.model_name_or_path, ""
+    if name != DEMO_MODEL:  # the demo backbone is built later, once, and checked after loading
+        path = resolve_backbone(name, cache_only=dist.local_rank() != 0)
+        fp = fingerprint(read_config(path, name))
+        for art in inputs.artifacts():  # stage-1 artifacts of this very backbone
+            check_artifact(art, fp, name)
     recs = {"train": task.load("train", cfg.data_dir, cfg.max_train_samples, cfg.data_seed,
                                k_shot=cfg.k_shot),
             "validation": task.load("validation", cfg.data_dir, cfg.max_eval_samples,
@@ -160,13 +164,7 @@ def resolve_model_path(cfg: TrainConfig, fetched: str) -> str:
     (the local dir `read_sources` found). All ranks call this."""
     if cfg.model_name_or_path != DEMO_MODEL:
         return fetched
-    from dtvg_ds.data.demo_backbone import ensure_demo_backbone
-
-    target = Path(cfg.cache_dir) / "demo_backbone"
-    if dist.is_main():
-        ensure_demo_backbone(target, log=info)
-    dist.barrier()  # the others wait for rank 0 to finish building the backbone
-    return str(target)
+    return resolve_on_all_ranks(DEMO_MODEL, cfg.cache_dir, log=info)  # rank 0 builds it
 
 
 def set_prompt_persistence(ds: dict[str, Any], groups: list[dict[str, Any]]) -> int:
@@ -337,7 +335,7 @@ def setup(cfg: TrainConfig) -> Run:
                          cfg.prompt_init_vocab_range)
     meta = {  # the canonical task name: `record` and `superglue-record` are one task downstream
         "task": task.name, "backbone": cfg.model_name_or_path if cfg.model_name_or_path != DEMO_MODEL
-        else "demo", "backbone_fingerprint": backbone_fingerprint(backbone.config),
+        else "demo", "backbone_fingerprint": fingerprint(backbone.config),
         "init_method": cfg.prompt_init, "init_seed": cfg.prompt_init_seed,
         "init_fingerprint": artifacts.tensor_fingerprint(p_init),
     }

@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from dtvg_ds import backbone
 from dtvg_ds.artifacts import (
     META_FILE,
     TENSORS_FILE,
@@ -75,50 +76,6 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # shared helpers (also used by dtvg_ds.predict)
 # ----------------------------------------------------------------------------------------------
-
-def resolve_backbone(name_or_path: str, cache_dir: str = ".cache") -> str:
-    """The loadable path of a backbone name: 'demo' -> the cached demo T5 (built if missing,
-    exactly as training does); a Hub id -> its snapshot in the HF cache (fetched if missing);
-    a local dir unchanged."""
-    from dtvg_ds.config import DEMO_MODEL
-
-    if name_or_path != DEMO_MODEL:
-        from dtvg_ds import hub
-
-        return hub.backbone_dir(name_or_path)  # a Hub id: its snapshot in the HF cache
-    from dtvg_ds.data.demo_backbone import ensure_demo_backbone
-
-    return str(ensure_demo_backbone(Path(cache_dir) / "demo_backbone",
-                                    log=lambda s: print(f"[dtvg_ds] {s}", file=sys.stderr)))
-
-
-def load_backbone_config(path: str) -> Any:
-    """The backbone's transformers config (cheap: no weights), as a user error if unreadable."""
-    from transformers import AutoConfig
-
-    from dtvg_ds.model import ModelLoadError
-
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"--model_name_or_path {path}: could not load its config "
-                             f"({str(e).splitlines()[0][:200]}); pass a local model dir (with "
-                             "config.json) or a reachable Hub id") from None
-
-
-def check_backbone(art: PromptArtifact, config: Any, model_ref: str) -> None:
-    """Refuse a backbone the artifact was not trained on (fingerprint, then d_model)."""
-    from dtvg_ds.model import backbone_fingerprint
-
-    fp = backbone_fingerprint(config)
-    if art.meta["backbone_fingerprint"] != fp:
-        raise ArtifactError(f"{art.path}: trained on backbone {art.meta['backbone']!r} "
-                            f"(fingerprint {art.meta['backbone_fingerprint']}), not on "
-                            f"{model_ref!r} ({fp}); pass the --model_name_or_path it was trained on")
-    if int(config.d_model) != int(art.meta["d_model"]):  # implied by the fingerprint; cheap
-        raise ArtifactError(f"{art.path}: prompt width {art.meta['d_model']} != d_model "
-                            f"{config.d_model} of {model_ref!r}")
-
 
 def artifact_prompt(art: PromptArtifact, mpt_task: str | None = None) -> torch.Tensor:
     """The r x d prompt the artifact's model prepends (fp32).
@@ -210,11 +167,11 @@ def export_peft(artifact_dir: str | Path, out_dir: str | Path, model_name_or_pat
 
     name = model_name_or_path or str(art.meta["backbone"])
     # 'demo' means nothing to PEFT: record the directory it resolves to on this machine.
-    base = resolve_backbone(name, cache_dir) if name == DEMO_MODEL else name
+    base = backbone.resolve(name, cache_dir) if name == DEMO_MODEL else name
     config = None
     if model_name_or_path is not None or Path(base).is_dir():
-        config = load_backbone_config(base)
-        check_backbone(art, config, name)
+        config = backbone.read_config(backbone.resolve(base, cache_dir), name)
+        backbone.check_artifact(art, backbone.fingerprint(config), name, config.d_model)
     # safetensors header metadata must be str -> str; PEFT only needs "format": "pt".
     provenance = {"format": "pt", "dtvg_ds.task": str(art.meta["task"]),
                   "dtvg_ds.method": str(art.meta.get("method", "")),
@@ -299,7 +256,7 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_name_or_path
     The backbone (`model_name_or_path`, default the adapter's `base_model_name_or_path`) gives
     the fingerprint and, unless `init_from` is given, the recomputed P_init.
     """
-    from dtvg_ds.model import backbone_fingerprint, init_prompt, load_backbone
+    from dtvg_ds.model import init_prompt, load_backbone
 
     out = Path(out_dir)
     _check_output_dir(out, overwrite, "artifact")
@@ -308,19 +265,16 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_name_or_path
     if not model_ref:
         raise ExportError(f"{adapter_dir}: the adapter names no base model; pass "
                           "--model_name_or_path")
-    path = resolve_backbone(model_ref, cache_dir)
-    config = load_backbone_config(path)
+    path = backbone.resolve(model_ref, cache_dir)
+    config = backbone.read_config(path, model_ref)
     r, d = prompt.shape
     if d != int(config.d_model):
         raise ExportError(f"{adapter_dir}: prompt width {d} != d_model {config.d_model} of "
                           f"{model_ref!r}; pass the backbone the adapter was trained on")
-    fp = backbone_fingerprint(config)
+    fp = backbone.fingerprint(config)
     if init_from is not None:
         ref = load_artifact(init_from, allow_in_progress)
-        if ref.meta["backbone_fingerprint"] != fp:
-            raise ArtifactError(f"--init_from {init_from}: trained on backbone "
-                                f"{ref.meta['backbone']!r} ({ref.meta['backbone_fingerprint']}), "
-                                f"not on {model_ref!r} ({fp})")
+        backbone.check_artifact(ref, fp, model_ref, what="--init_from")
         if tuple(ref.init.shape) != (r, d):
             raise ArtifactError(f"--init_from {init_from}: P_init is {tuple(ref.init.shape)}, the "
                                 f"adapter's prompt {r} x {d}; pick an artifact with "
@@ -329,9 +283,9 @@ def import_peft(adapter_dir: str | Path, out_dir: str | Path, model_name_or_path
         init_note: dict[str, Any] = {"init_from": str(init_from)}
     else:
         # fp32, as a run without --bf16 computes it: the same rows of the same embedding matrix.
-        backbone = load_backbone(path, torch.float32)
-        init = init_prompt(backbone, r, prompt_init, prompt_init_seed, prompt_init_vocab_range)
-        del backbone
+        model = load_backbone(path, torch.float32)
+        init = init_prompt(model, r, prompt_init, prompt_init_seed, prompt_init_vocab_range)
+        del model
         method, seed = prompt_init, prompt_init_seed
         init_note = {"init_recomputed": {"prompt_init": prompt_init, "prompt_init_seed": seed,
                                          "prompt_init_vocab_range": prompt_init_vocab_range}}

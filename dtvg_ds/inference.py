@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from dtvg_ds import dist, hub
+from dtvg_ds import backbone, dist
 from dtvg_ds.artifacts import PromptArtifact
-from dtvg_ds.config import DEMO_MODEL, TrainConfig, read_ds_config, resolve_ds_config
+from dtvg_ds.config import TrainConfig, read_ds_config, resolve_ds_config
 from dtvg_ds.config import zero_stage as get_zero_stage
 from dtvg_ds.model import FixedPrompt, PromptedSeq2Seq, load_backbone
 
@@ -68,18 +68,11 @@ def build_decoder(art: PromptArtifact, prompt: torch.Tensor, model_name_or_path:
     import deepspeed
     from transformers import AutoTokenizer
 
-    from dtvg_ds.export import check_backbone, load_backbone_config, resolve_backbone
-
     ds = inference_ds_config(deepspeed_config, bf16)
-    if model_name_or_path == DEMO_MODEL:
-        if dist.is_main():
-            resolve_backbone(DEMO_MODEL, cache_dir)  # built once, by rank 0
-        dist.barrier()  # collective: every rank; rank 0 has built (or found) the demo backbone
-        path = resolve_backbone(DEMO_MODEL, cache_dir)
-    else:  # one download per node, then the node's other ranks read its cache
-        path = dist.local_first(lambda: hub.backbone_dir(model_name_or_path,
-                                                         cache_only=dist.local_rank() != 0))
-    check_backbone(art, load_backbone_config(path), model_name_or_path)
+    name = model_name_or_path
+    path = backbone.resolve_on_all_ranks(name, cache_dir)
+    config = backbone.read_config(path, name)
+    backbone.check_artifact(art, backbone.fingerprint(config), name, config.d_model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     stage = get_zero_stage(ds)
     keep_alive = None
@@ -87,8 +80,8 @@ def build_decoder(art: PromptArtifact, prompt: torch.Tensor, model_name_or_path:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds)  # from_pretrained inside zero.Init: 1/N per rank
-    backbone = load_backbone(path, torch.bfloat16 if bf16 else torch.float32)
-    model = PromptedSeq2Seq(FixedPrompt(prompt), backbone)
+    model = PromptedSeq2Seq(FixedPrompt(prompt),
+                            load_backbone(path, torch.bfloat16 if bf16 else torch.float32))
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
     del keep_alive
     return Decoder(engine, model.eval(), tokenizer, stage, path)

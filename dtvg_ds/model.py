@@ -8,9 +8,6 @@ module is whole on every rank (ZeRO persistence, set by the engine).
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,52 +15,6 @@ from torch import nn
 
 from dtvg_ds import dist, frozen_linear, hub
 from dtvg_ds.hub import ModelLoadError
-
-# Config keys that describe where/how a checkpoint was saved rather than the network itself.
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
-                         "architectures", "_commit_hash", "use_cache", "output_hidden_states",
-                         "output_attentions", "return_dict",
-                         # how the weights are stored, not which backbone: a prompt trained on
-                         # the NF4/int8 copy belongs to the same backbone
-                         "quantization_config"}
-
-
-def backbone_fingerprint(config: Any) -> str:
-    """Hash of the backbone's architecture config (not its path): TPVs are comparable iff equal."""
-    d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    blob = json.dumps(d, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def check_backbone_source(name_or_path: str, inputs: Any = None, local_dir: str = "") -> None:
-    """Before any write: the backbone's config can be read (from `local_dir`, its fetched copy,
-    if given), and every stage-1 artifact of `inputs` (a `MethodInputs`) was trained on this
-    architecture. 'demo' (built on first use) is checked after loading, by `check_against_run`."""
-    from dtvg_ds.artifacts import ArtifactError
-    from dtvg_ds.config import DEMO_MODEL
-
-    if name_or_path == DEMO_MODEL:
-        return
-    from transformers import AutoConfig
-
-    local = Path(name_or_path)
-    if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
-        raise ModelLoadError(f"--model_name_or_path {name_or_path}: no such directory; pass a "
-                             "local model dir (with config.json) or a Hub id")
-    try:
-        config = AutoConfig.from_pretrained(local_dir or name_or_path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"--model_name_or_path {name_or_path}: could not load its config "
-                             f"({str(e).splitlines()[0][:200]}); {hub.advice([name_or_path])}"
-                             ) from None
-    fp = backbone_fingerprint(config)
-    arts = [getattr(inputs, "target", None), *getattr(inputs, "sources", ()),
-            getattr(inputs, "mpt_source", None)]
-    for art in (a for a in arts if a is not None):
-        if art.meta["backbone_fingerprint"] != fp:
-            raise ArtifactError(f"{art.path}: trained on backbone {art.meta['backbone']!r} "
-                                f"(fingerprint {art.meta['backbone_fingerprint']}), not on "
-                                f"{name_or_path!r} ({fp}); pass the --model_name_or_path it used")
 
 
 def load_backbone(name_or_path: str, dtype: torch.dtype, quantization: Any = None,
@@ -74,14 +25,11 @@ def load_backbone(name_or_path: str, dtype: torch.dtype, quantization: Any = Non
     inside `zero.Init` and each rank only ever materialises its 1/N partition. A quantized
     backbone (`quantization` = a `BitsAndBytesConfig`, see `dtvg_ds.quant`) is placed by the
     loader on `device` and must never be moved with `.to()` afterwards: transformers loads it
-    outside `zero.Init`, whole on every rank.
+    outside `zero.Init`, whole on every rank. `name_or_path` is a resolved local dir
+    (`backbone.resolve`) whose config `backbone.read_config` has already read.
     """
     from transformers import AutoModelForSeq2SeqLM
 
-    local = Path(name_or_path)
-    if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
-        raise ModelLoadError(f"--model_name_or_path {name_or_path}: no such directory; pass a "
-                             "local model dir (with config.json) or a Hub id")
     kw: dict[str, Any] = {}
     if quantization is not None:
         kw = {"quantization_config": quantization,

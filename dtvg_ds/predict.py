@@ -45,12 +45,14 @@ def build_model(art: PromptArtifact, model_name_or_path: str, dtype: torch.dtype
     checked against the artifact (fingerprint, d_model) from its config before its weights load."""
     from transformers import AutoTokenizer
 
-    from dtvg_ds.export import artifact_prompt, check_backbone, load_backbone_config, resolve_backbone
+    from dtvg_ds import backbone
+    from dtvg_ds.export import artifact_prompt
     from dtvg_ds.model import FixedPrompt, PromptedSeq2Seq, load_backbone
 
     prompt = artifact_prompt(art, mpt_task)
-    path = resolve_backbone(model_name_or_path, cache_dir)
-    check_backbone(art, load_backbone_config(path), model_name_or_path)
+    path = backbone.resolve(model_name_or_path, cache_dir)
+    config = backbone.read_config(path, model_name_or_path)
+    backbone.check_artifact(art, backbone.fingerprint(config), model_name_or_path, config.d_model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = PromptedSeq2Seq(FixedPrompt(prompt), load_backbone(path, dtype))
     return model.eval(), tokenizer

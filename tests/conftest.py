@@ -160,7 +160,8 @@ def p_init_of(model_dir):
     """(P_init of r = 8 on the tiny model, its backbone fingerprint), as training computes them."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from dtvg_ds.model import backbone_fingerprint, init_prompt
+    from dtvg_ds.backbone import fingerprint as backbone_fingerprint
+    from dtvg_ds.model import init_prompt
 
     bb = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     return init_prompt(bb, 8, "vocab", 0), backbone_fingerprint(bb.config)

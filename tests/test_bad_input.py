@@ -184,7 +184,7 @@ def test_artifact_from_another_backbone(tiny_model, tpvs, tmp_path, capsys):
     other = _copy_artifact(tpvs["src_a"], tmp_path / "other_bb", backbone="t5-large",
                            backbone_fingerprint="0123456789abcdef")
     _expect_error(_argv(tiny_model, tmp_path, method="spot", source_tpvs=[str(other)]), tmp_path,
-                  capsys, "trained on backbone 't5-large'", "pass the --model_name_or_path it used")
+                  capsys, "trained on backbone 't5-large'", "pass the --model_name_or_path it was trained on")
 
 
 def test_artifact_from_another_init(tiny_model, tpvs, tmp_path, capsys):
@@ -339,7 +339,8 @@ def test_launcher_artifact_with_another_p_init_found_after_loading(tiny_model, t
     again, so nothing is left."""
     from transformers import AutoModelForSeq2SeqLM
 
-    from dtvg_ds.model import backbone_fingerprint, init_prompt
+    from dtvg_ds.backbone import fingerprint as backbone_fingerprint
+    from dtvg_ds.model import init_prompt
 
     other_model = build_tiny_t5(tmp_path / "other_model", seed=1)
     bb = AutoModelForSeq2SeqLM.from_pretrained(other_model)

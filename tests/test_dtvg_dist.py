@@ -127,7 +127,7 @@ def test_input_validation_messages(tpvs, tmp_path, tiny_model):
     check_against_run(inputs, meta, p_init)
     with pytest.raises(ArtifactError, match="its P_init differs"):
         check_against_run(inputs, meta, p_init + 1)
-    with pytest.raises(ArtifactError, match="pass the --model_name_or_path it used"):
+    with pytest.raises(ArtifactError, match="pass the --model_name_or_path it was trained on"):
         check_against_run(inputs, {**meta, "backbone_fingerprint": "zzz"}, p_init)
     # a source from another init is refused before anything runs
     other = tmp_path / "other"

@@ -12,6 +12,7 @@ import torch
 
 from dtvg_ds import prompt_math
 from dtvg_ds.artifacts import ArtifactError, load_artifact, save_artifact
+from dtvg_ds.backbone import fingerprint as backbone_fingerprint
 from dtvg_ds.export import (
     PEFT_CONFIG_FILE,
     PEFT_PROMPT_KEY,
@@ -21,7 +22,7 @@ from dtvg_ds.export import (
     import_peft,
     main,
 )
-from dtvg_ds.model import FixedPrompt, PromptedSeq2Seq, backbone_fingerprint, init_prompt
+from dtvg_ds.model import FixedPrompt, PromptedSeq2Seq, init_prompt
 from tests.conftest import build_tiny_t5
 
 peft = pytest.importorskip("peft")

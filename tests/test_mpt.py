@@ -51,7 +51,8 @@ def test_k_task_batches_are_deterministic_and_split_over_ranks():
 def _teachers(model_dir, root, names=("senti_a", "has_color"), noise=0.3):
     from transformers import AutoModelForSeq2SeqLM
 
-    from dtvg_ds.model import backbone_fingerprint, init_prompt
+    from dtvg_ds.backbone import fingerprint as backbone_fingerprint
+    from dtvg_ds.model import init_prompt
 
     bb = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
     p_init, fp = init_prompt(bb, 8, "vocab", 0), backbone_fingerprint(bb.config)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from dtvg_ds.artifacts import save_artifact
+from dtvg_ds.backbone import fingerprint as backbone_fingerprint
 from dtvg_ds.data.batches import collate, encode
-from dtvg_ds.model import backbone_fingerprint, init_prompt
+from dtvg_ds.model import init_prompt
 from dtvg_ds.predict import build_model, main
 from tests.conftest import build_tiny_t5, read_jsonl
 

@@ -62,7 +62,8 @@ def test_task_prompt_vector_artifact(stage1, tiny_model):
     # the init is the seeded vocabulary rows of the (gathered) embedding matrix
     from transformers import AutoModelForSeq2SeqLM
 
-    from dtvg_ds.model import backbone_fingerprint, init_prompt
+    from dtvg_ds.backbone import fingerprint as backbone_fingerprint
+    from dtvg_ds.model import init_prompt
     bb = AutoModelForSeq2SeqLM.from_pretrained(tiny_model)
     torch.testing.assert_close(art.init, init_prompt(bb, 8, "vocab", 0))
     assert m["backbone_fingerprint"] == backbone_fingerprint(bb.config)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dtvg_ds import backbone
 from dtvg_ds.artifacts import ArtifactError, PromptArtifact, check_compatible, load_artifact
 from dtvg_ds.config import TrainConfig
 from dtvg_ds.data.zoo import resolve_name
@@ -34,6 +35,10 @@ class MethodInputs:
     @property
     def source_names(self) -> list[str]:
         return [s.name for s in self.sources]
+
+    def artifacts(self) -> list[PromptArtifact]:
+        """Every input artifact (target, sources, MPT source)."""
+        return [a for a in (self.target, *self.sources, self.mpt_source) if a is not None]
 
 
 def load_inputs(cfg: TrainConfig) -> MethodInputs:
@@ -89,12 +94,8 @@ def _adopt_init(cfg: TrainConfig, ref: PromptArtifact) -> None:
 
 def check_against_run(inputs: MethodInputs, meta: dict[str, Any], p_init: torch.Tensor) -> None:
     """The artifacts must come from this backbone and this exact P_init."""
-    arts = ([inputs.target] if inputs.target else []) + inputs.sources
-    for art in arts + ([inputs.mpt_source] if inputs.mpt_source else []):
-        if art.meta["backbone_fingerprint"] != meta["backbone_fingerprint"]:
-            raise ArtifactError(f"{art.path}: trained on backbone {art.meta['backbone']!r} "
-                                f"(fingerprint {art.meta['backbone_fingerprint']}), not on "
-                                f"{meta['backbone']!r}; pass the --model_name_or_path it used")
+    for art in inputs.artifacts():
+        backbone.check_artifact(art, meta["backbone_fingerprint"], meta["backbone"])
         if not torch.equal(art.init, p_init):
             raise ArtifactError(f"{art.path}: its P_init differs from this run's (fingerprint "
                                 f"{art.meta['init_fingerprint']} vs {meta['init_fingerprint']}); "
