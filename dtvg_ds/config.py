@@ -44,7 +44,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Every setting of a training run. Field name == CLI flag (`--<name>`) == YAML key."""
 
@@ -425,7 +425,11 @@ def read_ds_config(path: str) -> dict[str, Any]:
 
 
 class _Reconciler:
-    """Fills "auto", adopts concrete JSON values for flags not given, flags real conflicts."""
+    """Fills "auto", adopts concrete JSON values for flags not given, flags real conflicts.
+
+    Works on its own copy of the config, so a value adopted early (the micro batch) feeds the
+    later checks (train_batch_size); the caller's config is never changed: the adopted values
+    are returned and applied by the caller."""
 
     def __init__(self, cfg: TrainConfig, ds: dict[str, Any], path: str):
         self.cfg, self.ds, self.path = cfg, ds, path
@@ -450,13 +454,15 @@ class _Reconciler:
                 f"{self.path}: {'.'.join(keys)} = {theirs!r} contradicts --{flag} {mine!r}; "
                 f"set the JSON value to \"auto\" or drop the flag")
         elif cast(theirs) != cast(mine):
-            setattr(self.cfg, flag, cast(theirs) if cast is not bool else bool(theirs))
-            self.adopted[flag] = theirs
+            value = cast(theirs) if cast is not bool else bool(theirs)
+            self.cfg = dataclasses.replace(self.cfg, **{flag: value})
+            self.adopted[flag] = value
 
 
 def resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
                       path: str = "ds config") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Return (resolved DeepSpeed dict, {flag: value adopted from the JSON}).
+    """Return (resolved DeepSpeed dict, {flag: value adopted from the JSON}); `cfg` is not
+    changed (apply the adopted values with `dataclasses.replace`).
 
     A value of the wrong type (`"optimizer": "adam"`, `"train_batch_size": "x"`) is a
     ConfigError naming the file, like every other problem of the JSON.
@@ -498,7 +504,7 @@ def _resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
                        path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The body of `resolve_ds_config`.
 
-    Mutates `cfg` for adopted values so that the config stays the one source of truth at run time.
+    Reads the config through the reconciler (`r.cfg`), which carries the values adopted so far.
     """
     ds = copy.deepcopy(ds_in)
     r = _Reconciler(cfg, ds, path)
@@ -519,22 +525,22 @@ def _resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
         r.link(("optimizer", "params", "weight_decay"), "weight_decay", float)
         r.link(("optimizer", "params", "eps"), "adam_epsilon", float)
         if params.get("betas") == "auto":
-            params["betas"] = [cfg.adam_beta1, cfg.adam_beta2]
+            params["betas"] = [r.cfg.adam_beta1, r.cfg.adam_beta2]
     sch = ds.get("scheduler")
     if sch is not None:
         if sch.get("type") != "WarmupDecayLR":
             r.problems.append(f"{path}: scheduler.type {sch.get('type')!r}: only WarmupDecayLR "
                               "(or no scheduler block: dtvg_ds then uses warmup + linear decay)")
-        if cfg.lr_scheduler_type != "linear":
+        if r.cfg.lr_scheduler_type != "linear":
             r.problems.append(f"{path}: the scheduler block (WarmupDecayLR) decays linearly, "
-                              f"--lr_scheduler_type is {cfg.lr_scheduler_type!r}; drop the block "
+                              f"--lr_scheduler_type is {r.cfg.lr_scheduler_type!r}; drop the block "
                               "(dtvg_ds then schedules with transformers.get_scheduler)")
         sp = sch.setdefault("params", {})
         auto_warmup = sp.get("warmup_num_steps") == "auto"
         r.link(("scheduler", "params", "warmup_num_steps"), "warmup_steps", int)
         r.link(("scheduler", "params", "total_num_steps"), "max_steps", int)
         if auto_warmup:
-            sp["warmup_num_steps"] = warmup_steps(cfg)
+            sp["warmup_num_steps"] = warmup_steps(r.cfg)
         # DeepSpeed's default warmup_type is "log"; HF Trainer's (and ours without the block)
         # is linear: make both paths give the same curve unless the JSON asks otherwise.
         sp.setdefault("warmup_type", "linear")
@@ -546,7 +552,7 @@ def _resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
     if stage == 3 and zero.get("stage3_param_persistence_threshold", "auto") != "auto":
         pass  # checked against the prompt size by the engine, which knows r x d
     tbs = ds.get("train_batch_size", "auto")
-    want = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    want = r.cfg.per_device_train_batch_size * r.cfg.gradient_accumulation_steps * world_size
     if tbs == "auto" or "train_batch_size" not in ds:
         ds["train_batch_size"] = want
     elif int(tbs) % world_size:
@@ -557,8 +563,8 @@ def _resolve_ds_config(cfg: TrainConfig, ds_in: dict[str, Any], world_size: int,
     elif int(tbs) != want:
         r.problems.append(
             f"{path}: train_batch_size = {tbs} but --per_device_train_batch_size "
-            f"{cfg.per_device_train_batch_size} x --gradient_accumulation_steps "
-            f"{cfg.gradient_accumulation_steps} x world size {world_size} = {want}; set it to \"auto\"")
+            f"{r.cfg.per_device_train_batch_size} x --gradient_accumulation_steps "
+            f"{r.cfg.gradient_accumulation_steps} x world size {world_size} = {want}; set it to \"auto\"")
     leftovers = _find_auto(ds)
     if leftovers and not r.problems:
         known_later = {"scheduler.params.warmup_max_lr",

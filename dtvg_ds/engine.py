@@ -9,6 +9,7 @@ optimizer step; every `eval_steps` evaluate by generation and keep the best prom
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -263,9 +264,14 @@ def setup(cfg: TrainConfig) -> Run:
     clock = StartupClock()
     # Everything that can be checked without peers is checked first: a bad flag, file or
     # artifact fails in a second, before any process group, compilation or write.
-    ds, adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed),
-                                    dist.expected_world_size(), cfg.deepspeed)
+    ds, ds_adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed),
+                                       dist.expected_world_size(), cfg.deepspeed)
     inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
+    # Values not given as flags, taken from the DeepSpeed JSON and the stage-1 artifact; from
+    # here on the config is final (frozen) and every module reads the same values.
+    adopted = [(k, v, cfg.deepspeed) for k, v in ds_adopted.items()] + \
+        [(k, v, inputs.adopted_from) for k, v in inputs.adopted.items()]
+    cfg = dataclasses.replace(cfg, **{k: v for k, v, _ in adopted})
     task = (MixtureTask(cfg.task.split(MIX_SEPARATOR), cfg.data_dir, cfg.mixture_cap)
             if is_mixture(cfg.task) else get_task(cfg.task, cfg.data_dir, cfg.metric))
     def reads() -> tuple[str, dict[str, list[dict]]]:
@@ -285,8 +291,8 @@ def setup(cfg: TrainConfig) -> Run:
     fetched, recs = early or dist.local_first(reads)
     if hub_reads:
         clock.mark("hub_read")
-    for k, v in adopted.items():
-        info(f"--{k} = {v!r} taken from {cfg.deepspeed}")
+    for k, v, source in adopted:
+        info(f"--{k} = {v!r} taken from {source}")
     check_output_dir(cfg)
     run_id, replaced = rundir.prepare(cfg)  # run identity; an overwritten run moved aside
     if replaced is not None:
@@ -511,6 +517,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     stop_signal = _StopSignal()
     configure_threads()
     run = setup(cfg)
+    cfg = run.cfg  # with the values adopted from the DeepSpeed JSON and stage-1 artifacts
     logger = RunLogger(cfg.output_dir, report_sinks(cfg.report_to), config=cfg.to_dict())
     method_log = RunLogger(cfg.output_dir, (), run.method.log_name)
     try:

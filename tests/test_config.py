@@ -3,6 +3,7 @@ reconciliation of shared settings with the DeepSpeed JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -89,8 +90,11 @@ def test_concrete_json_value_is_adopted_when_flag_not_given():
     ds["train_micro_batch_size_per_gpu"] = 16
     cfg = parse_config(BASE)
     out, adopted = resolve_ds_config(cfg, ds, world_size=1)
-    assert cfg.per_device_train_batch_size == 16 and adopted == {"per_device_train_batch_size": 16}
-    assert out["train_batch_size"] == 16
+    assert adopted == {"per_device_train_batch_size": 16}
+    assert out["train_batch_size"] == 16  # the adopted micro batch feeds the later checks
+    assert cfg.per_device_train_batch_size == 8  # the config itself is never edited (frozen)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.per_device_train_batch_size = 16
 
 
 def test_conflict_names_both_settings():

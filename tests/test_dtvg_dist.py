@@ -121,7 +121,8 @@ def test_input_validation_messages(tpvs, tmp_path, tiny_model):
         load_inputs(_cfg(paths, paths["src_a"], num_virtual_tokens=5))
     cfg = _cfg(paths, paths["src_a"])
     inputs = load_inputs(cfg)
-    assert cfg.num_virtual_tokens == 8  # adopted from the target artifact
+    assert inputs.adopted == {"num_virtual_tokens": 8}  # from the target artifact, returned
+    assert inputs.adopted_from == str(paths["target_t"]) and cfg.num_virtual_tokens == 100
     p_init, fp = p_init_of(tiny_model)
     meta = {"backbone": "x", "backbone_fingerprint": fp, "init_fingerprint": "y"}
     check_against_run(inputs, meta, p_init)

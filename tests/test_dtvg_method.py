@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def build(paths, tmp_path, **kw) -> DTVG:
         argv += [f"--{k}", str(v)]
     cfg = parse_config(argv)
     inputs = load_inputs(cfg)
-    return DTVG(inputs.target.init, inputs, cfg)
+    return DTVG(inputs.target.init, inputs, dataclasses.replace(cfg, **inputs.adopted))
 
 
 def test_default_rule_groups_aligned_sources_every_step(tpvs, tmp_path):

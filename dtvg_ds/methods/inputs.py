@@ -8,7 +8,7 @@ the target artifact, so `--num_virtual_tokens` need not be repeated for stage 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ class MethodInputs:
     target: PromptArtifact | None
     sources: list[PromptArtifact]
     mpt_source: PromptArtifact | None = None
+    # Prompt settings not given as flags, taken from the reference artifact: {flag: value}.
+    # The caller applies them (dataclasses.replace) and logs each; `adopted_from` names it.
+    adopted: dict[str, Any] = field(default_factory=dict)
+    adopted_from: str = ""
 
     @property
     def source_names(self) -> list[str]:
@@ -45,8 +49,7 @@ def load_inputs(cfg: TrainConfig) -> MethodInputs:
     """Load and cross-check --target_tpv / --source_tpvs (no-op for methods without them)."""
     if cfg.method == "mpt_target":
         src = load_artifact(cfg.mpt_source, cfg.allow_in_progress_artifacts)
-        _adopt_init(cfg, src)
-        return MethodInputs(None, [], src)
+        return MethodInputs(None, [], src, _adopt_init(cfg, src), str(src.path))
     if cfg.method not in ("dtvg", "spot", "mpt_source"):
         return MethodInputs(None, [])
     seen: dict[Path, str] = {}
@@ -77,19 +80,23 @@ def load_inputs(cfg: TrainConfig) -> MethodInputs:
         if sorted(names) != members:
             raise ArtifactError(f"--source_tpvs are tasks {sorted(names)} but --task mixes "
                                 f"{members}; give one teacher per mixture task")
-    _adopt_init(cfg, target or sources[0])
-    return MethodInputs(target, sources)
+    ref = target or sources[0]
+    return MethodInputs(target, sources, None, _adopt_init(cfg, ref), str(ref.path))
 
 
-def _adopt_init(cfg: TrainConfig, ref: PromptArtifact) -> None:
-    """Prompt length and init settings not given explicitly come from the artifact."""
+def _adopt_init(cfg: TrainConfig, ref: PromptArtifact) -> dict[str, Any]:
+    """The prompt length and init settings to take from the artifact (those not given as
+    flags); a flag that contradicts it is an error."""
+    adopted: dict[str, Any] = {}
     for flag, key in _INIT_SETTINGS:
         if flag not in cfg.explicit:
-            setattr(cfg, flag, ref.meta[key])
+            if getattr(cfg, flag) != ref.meta[key]:
+                adopted[flag] = ref.meta[key]
         elif getattr(cfg, flag) != ref.meta[key]:
             raise ArtifactError(f"--{flag} {getattr(cfg, flag)!r} differs from {ref.path} "
                                 f"({key} = {ref.meta[key]!r}); drop the flag to use the "
                                 "artifact's value")
+    return adopted
 
 
 def check_against_run(inputs: MethodInputs, meta: dict[str, Any], p_init: torch.Tensor) -> None:
