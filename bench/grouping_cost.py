@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from dtvg_ds import dist  # noqa: E402
 from dtvg_ds.artifacts import PromptArtifact  # noqa: E402
 from dtvg_ds.config import TrainConfig  # noqa: E402
-from dtvg_ds.methods.dtvg import DTVG  # noqa: E402
+from dtvg_ds.methods.dtvg import DTVG, DTVGSettings  # noqa: E402
 from dtvg_ds.methods.inputs import MethodInputs  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def measure(d: int, r: int, n: int, reps: int, out_dir: str) -> dict:
     target = _art("target", init, 0.1 * torch.randn(r, d, generator=g))
     sources = [_art(f"s{i}", init, 0.1 * torch.randn(r, d, generator=g)) for i in range(n)]
     cfg = TrainConfig(method="dtvg", task="t", output_dir=out_dir)
-    m = DTVG(init, MethodInputs(target, sources), cfg)
+    m = DTVG(init, MethodInputs(target, sources), DTVGSettings.of(cfg))
     group_ms, merge_ms = [], []
     for step in range(reps + 5):
         dist.barrier()

@@ -29,6 +29,7 @@ from dtvg_ds.checkpoint import (
 from dtvg_ds.config import ConfigError, TrainConfig, parse_config
 from dtvg_ds.data.zoo import TaskError
 from dtvg_ds.engine import Preempted, TrainingError
+from dtvg_ds.methods import validate as validate_method
 from dtvg_ds.model import ModelLoadError
 
 USER_ERRORS = (ConfigError, ArtifactError, TaskError, ModelLoadError, CheckpointError,
@@ -41,7 +42,7 @@ def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
     cfg: TrainConfig | None = None
     created: list[Path] = []
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(argv, checks=[validate_method])
         created = _missing_dirs(cfg.output_dir)
         check_output_writable(cfg.output_dir, bool(cfg.resume or cfg.overwrite_output_dir))
         fn(cfg)

@@ -40,6 +40,7 @@ from dtvg_ds.data.zoo import Task, get_task
 from dtvg_ds.evaluation import evaluate, metric_name
 from dtvg_ds.logs import RunLogger, configure_logging, info, progress
 from dtvg_ds.methods import build_method, load_inputs
+from dtvg_ds.methods import validate as validate_method
 from dtvg_ds.methods.base import PromptMethod
 from dtvg_ds.model import (
     FixedPrompt,
@@ -264,6 +265,9 @@ def setup(cfg: TrainConfig) -> Run:
     clock = StartupClock()
     # Everything that can be checked without peers is checked first: a bad flag, file or
     # artifact fails in a second, before any process group, compilation or write.
+    problems = validate_method(cfg)  # parse_config ran it for the CLI; bench/tests may not
+    if problems:
+        raise ConfigError(problems)
     ds, ds_adopted = resolve_ds_config(cfg, read_ds_config(cfg.deepspeed),
                                        dist.expected_world_size(), cfg.deepspeed)
     inputs = load_inputs(cfg)  # stage-1 artifacts: validated before anything is written
@@ -347,7 +351,7 @@ def setup(cfg: TrainConfig) -> Run:
     }
     method = build_method(cfg, p_init, meta, inputs)
     model = PromptedSeq2Seq(method, backbone)
-    groups = method.param_groups(cfg)
+    groups = method.param_groups()
     if stage == 3:
         set_prompt_persistence(ds, groups)
     n_prompt = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO partitions them
@@ -488,7 +492,7 @@ def _rates(run: Run, seconds: float) -> dict[str, float]:
     lrs = [float(x) for x in run.engine.get_lr()]
     out = {"learning_rate": lrs[0], "lr": lrs[0]}  # "lr": the name older logs used
     if len(lrs) > 1:
-        names = [g.get("name", str(i)) for i, g in enumerate(run.method.param_groups(cfg))]
+        names = [g.get("name", str(i)) for i, g in enumerate(run.method.param_groups())]
         out |= {f"learning_rate/{n}": lr for n, lr in zip(names, lrs, strict=False)}
     norm = run.engine.get_global_grad_norm()
     if norm is not None:

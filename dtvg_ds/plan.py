@@ -240,6 +240,123 @@ def _device(section: Any) -> str:
     return "accelerator"
 
 
+def _sharded_backbone(tensors: list[tuple[str, int, int]], shapes: list[tuple[str, int]],
+                      zero: dict[str, Any], n: int, trainable: list[int], dtype_name: str,
+                      pbytes: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ZeRO-3: (the backbone's partition and persistent tensors per rank, the transient
+    gather bounds). `tensors` = (name, stored elements, bytes per element)."""
+    total = sum(x for _, x in shapes)
+    thr = zero.get("stage3_param_persistence_threshold", "auto")
+    thr = max(trainable) if thr == "auto" else int(thr)
+    if thr < max(trainable):
+        raise PlanError(f"stage3_param_persistence_threshold = {thr} is below the prompt's "
+                        f"{max(trainable)} elements (the engine refuses this config)")
+    cap = zero.get("stage3_model_persistence_threshold", "auto")
+    cap = sys.maxsize if cap == "auto" else int(cap)
+    running = sum(trainable)  # the prompter is registered first and persists first
+    persistent: list[tuple[str, int, int]] = []
+    for name, x, size in tensors:
+        if x + running > cap:
+            continue
+        if x <= thr:
+            persistent.append((name, x, size))
+            running += x
+    part = sum(math.ceil(x / n) for _, x, _ in tensors)
+    pers = sum(x for _, x, _ in persistent)
+    part_dev = _device(zero.get("offload_param"))
+    backbone = {
+        "params": total, "tensors": len(shapes), "dtype": dtype_name,
+        "partitioned": True, "partition_elements_per_rank": part,
+        "partition_padding_elements": part * n - sum(x for _, x, _ in tensors),
+        "persistence_threshold": thr, "persistent_tensors": len(persistent),
+        "persistent_elements": pers,
+        "elements_per_rank": part + pers,
+        "partition_bytes_per_rank": sum(math.ceil(x / n) * sz for _, x, sz in tensors),
+        "partition_device": part_dev, "partition_storage": dtype_name,
+        "persistent_bytes_per_rank": sum(x * sz for _, x, sz in persistent),
+    }
+    max_live = int(zero.get("stage3_max_live_parameters", 1_000_000_000))
+    largest = max(x for _, x in shapes)
+    gather_bound = min(total, max(max_live, largest))
+    prefetch = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))
+    transient = {"zero3_gather_bound_elements": gather_bound,
+                 "zero3_gather_bound_bytes": gather_bound * pbytes,
+                 "zero3_prefetch_bytes": min(prefetch, total) * pbytes,
+                 "largest_tensor_elements": largest}
+    return backbone, transient
+
+
+def _whole_backbone(tensors: list[tuple[str, int, int]], shapes: list[tuple[str, int]],
+                    dtype_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """ZeRO-0/1/2: the backbone whole on every rank; nothing gathered."""
+    total = sum(x for _, x in shapes)
+    whole = sum(x for _, x, _ in tensors)
+    backbone = {
+        "params": total, "tensors": len(shapes), "dtype": dtype_name,
+        "partitioned": False, "partition_elements_per_rank": whole,
+        "partition_padding_elements": 0, "persistence_threshold": None,
+        "persistent_tensors": len(shapes), "persistent_elements": whole,
+        "elements_per_rank": whole, "partition_bytes_per_rank": 0,
+        "partition_device": "accelerator", "partition_storage": None,
+        "persistent_bytes_per_rank": sum(x * sz for _, x, sz in tensors),
+    }
+    transient = {"zero3_gather_bound_elements": 0, "zero3_gather_bound_bytes": 0,
+                 "zero3_prefetch_bytes": 0, "largest_tensor_elements": max(x for _, x in shapes)}
+    return backbone, transient
+
+
+def _trainable_state(groups: list[list[int]], frozen_prompt: int, pbytes: int, stage: int,
+                     n: int, zero: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    """(prompt, optimizer, gradients) per rank: the prompt replicated, AdamW state partitioned
+    from ZeRO-1, gradients from ZeRO-2."""
+    trainable = [x for g in groups for x in g]
+    n_train = sum(trainable)
+    prompt = {"trainable_elements": n_train, "trainable_tensors": trainable,
+              "frozen_fp32_elements": frozen_prompt,
+              "bytes_per_rank": n_train * pbytes + frozen_prompt * 4, "replicated": True}
+    if stage >= 1:
+        opt_elems = sum(math.ceil(sum(g) / n) for g in groups)
+    else:
+        opt_elems = n_train
+    optimizer = {"type": "AdamW (fp32 master + 2 moments)", "partitioned": stage >= 1,
+                 "elements_per_rank": opt_elems, "bytes_per_rank": opt_elems * ADAM_BYTES,
+                 "device": _device(zero.get("offload_optimizer"))}
+    grad_elems = opt_elems if stage >= 2 else n_train
+    grads = {"partitioned": stage >= 2, "elements_per_rank": grad_elems,
+             "bytes_per_rank": grad_elems * 4}
+    return prompt, optimizer, grads
+
+
+def _quantized_tensors(shapes: list[tuple[str, int]], qmap: dict[str, int], quantize: str,
+                       store_b: int, double_quant: bool) -> dict[str, tuple[int, int, int]]:
+    """Per quantized tensor: (stored elements, bytes per stored element, whole-on-every-rank
+    constant bytes)."""
+    stored: dict[str, tuple[int, int, int]] = {}
+    for name, x in shapes:
+        if name in qmap:
+            el, consts = quantized_storage(x, qmap[name], 8 if quantize == "int8" else 4,
+                                           1 if quantize == "int8" else store_b, double_quant)
+            stored[name] = (el, 1 if quantize == "int8" else store_b, consts)
+    return stored
+
+
+def _placement(backbone: dict[str, Any], prompt: dict[str, Any], grads: dict[str, Any],
+               optimizer: dict[str, Any]) -> tuple[int, int]:
+    """(accelerator bytes, host bytes) per rank of what is held for the whole run."""
+    dev = (prompt["bytes_per_rank"] + grads["bytes_per_rank"] + backbone["persistent_bytes_per_rank"]
+           + backbone["quant_constant_bytes_per_rank"])
+    host = 0
+    if backbone["partition_device"] == "accelerator":
+        dev += backbone["partition_bytes_per_rank"]
+    else:
+        host += backbone["partition_bytes_per_rank"]
+    if optimizer["device"] == "accelerator":
+        dev += optimizer["bytes_per_rank"]
+    else:
+        host += optimizer["bytes_per_rank"]
+    return dev, host
+
+
 def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_tokens: int = 100,
          bf16: bool = False, method: str = "pt", num_sources: int = 6,
          shapes: list[tuple[str, int]] | None = None, quantize: str = "none",
@@ -282,6 +399,8 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
     pbytes = 2 if use_bf16 else 4
     if quantize not in ("none", "int8", "4bit"):
         raise PlanError(f"--quantize {quantize!r}: choose none, int8 or 4bit")
+    if device not in ("gpu", "cpu"):
+        raise PlanError(f"--device {device!r}: choose gpu or cpu")
     if quantize == "int8" and stage == 3:
         raise PlanError("int8 with ZeRO-3 is refused by the engine (see dtvg_ds/quant.py); "
                         "plan it with ds_configs/zero2_8bit.json, or --quantize 4bit")
@@ -289,75 +408,22 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
     store_b = {"auto": pbytes, "uint8": 1, "float32": 4, "bfloat16": 2}[quant_storage]
     if quantize != "none" and quantizable is None:
         quantizable = quantizable_linears(config, meta)
-    qmap = quantizable if quantize != "none" else {}
-    stored: dict[str, tuple[int, int, int]] = {}
-    for name, x in (shapes if shapes is not None else []):
-        if name in qmap:
-            el, consts = quantized_storage(x, qmap[name], 8 if quantize == "int8" else 4,
-                                           1 if quantize == "int8" else store_b, double_quant)
-            stored[name] = (el, 1 if quantize == "int8" else store_b, consts)
+    stored = _quantized_tensors(shapes, quantizable if quantize != "none" else {}, quantize,
+                                store_b, double_quant)
 
     groups, frozen_prompt = prompt_tensors(method, r, d, num_sources)
     trainable = [x for g in groups for x in g]
-    n_train = sum(trainable)
 
     # -- backbone --------------------------------------------------------------------------
-    total = sum(x for _, x in shapes)
     # (name, stored elements, bytes per stored element) of every tensor as it sits in memory
     tensors = [(name, *stored.get(name, (x, pbytes, 0))[:2]) for name, x in shapes]
     consts = sum(c for _, _, c in stored.values())  # whole on every rank, never partitioned
     dtype_name = "bf16" if use_bf16 else "fp32"
     if stage == 3:
-        thr = zero.get("stage3_param_persistence_threshold", "auto")
-        thr = max(trainable) if thr == "auto" else int(thr)
-        if thr < max(trainable):
-            raise PlanError(f"stage3_param_persistence_threshold = {thr} is below the prompt's "
-                            f"{max(trainable)} elements (the engine refuses this config)")
-        cap = zero.get("stage3_model_persistence_threshold", "auto")
-        cap = sys.maxsize if cap == "auto" else int(cap)
-        running = n_train  # the prompter is registered first and persists first
-        persistent: list[tuple[str, int, int]] = []
-        for name, x, size in tensors:
-            if x + running > cap:
-                continue
-            if x <= thr:
-                persistent.append((name, x, size))
-                running += x
-        part = sum(math.ceil(x / n) for _, x, _ in tensors)
-        pers = sum(x for _, x, _ in persistent)
-        part_dev = _device(zero.get("offload_param"))
-        backbone = {
-            "params": total, "tensors": len(shapes), "dtype": dtype_name,
-            "partitioned": True, "partition_elements_per_rank": part,
-            "partition_padding_elements": part * n - sum(x for _, x, _ in tensors),
-            "persistence_threshold": thr, "persistent_tensors": len(persistent),
-            "persistent_elements": pers,
-            "elements_per_rank": part + pers,
-            "partition_bytes_per_rank": sum(math.ceil(x / n) * sz for _, x, sz in tensors),
-            "partition_device": part_dev, "partition_storage": dtype_name,
-            "persistent_bytes_per_rank": sum(x * sz for _, x, sz in persistent),
-        }
-        max_live = int(zero.get("stage3_max_live_parameters", 1_000_000_000))
-        largest = max(x for _, x in shapes)
-        gather_bound = min(total, max(max_live, largest))
-        prefetch = int(zero.get("stage3_prefetch_bucket_size", 50_000_000))
-        transient = {"zero3_gather_bound_elements": gather_bound,
-                     "zero3_gather_bound_bytes": gather_bound * pbytes,
-                     "zero3_prefetch_bytes": min(prefetch, total) * pbytes,
-                     "largest_tensor_elements": largest}
+        backbone, transient = _sharded_backbone(tensors, shapes, zero, n, trainable, dtype_name,
+                                                pbytes)
     else:
-        whole = sum(x for _, x, _ in tensors)
-        backbone = {
-            "params": total, "tensors": len(shapes), "dtype": dtype_name,
-            "partitioned": False, "partition_elements_per_rank": whole,
-            "partition_padding_elements": 0, "persistence_threshold": None,
-            "persistent_tensors": len(shapes), "persistent_elements": whole,
-            "elements_per_rank": whole, "partition_bytes_per_rank": 0,
-            "partition_device": "accelerator", "partition_storage": None,
-            "persistent_bytes_per_rank": sum(x * sz for _, x, sz in tensors),
-        }
-        transient = {"zero3_gather_bound_elements": 0, "zero3_gather_bound_bytes": 0,
-                     "zero3_prefetch_bytes": 0, "largest_tensor_elements": max(x for _, x in shapes)}
+        backbone, transient = _whole_backbone(tensors, shapes, dtype_name)
     # transformers loads a quantized model outside zero.Init: whole on every rank until
     # deepspeed.initialize partitions it (engine.setup)
     transient["load_whole_bytes"] = (sum(x * sz for _, x, sz in tensors) + consts
@@ -369,34 +435,10 @@ def plan(config: Any, world_size: int, ds_config: dict[str, Any], num_virtual_to
                                   + backbone["persistent_bytes_per_rank"] + consts)
 
     # -- prompt, optimizer, gradients ----------------------------------------------------------
-    prompt = {"trainable_elements": n_train, "trainable_tensors": trainable,
-              "frozen_fp32_elements": frozen_prompt,
-              "bytes_per_rank": n_train * pbytes + frozen_prompt * 4, "replicated": True}
-    if stage >= 1:
-        opt_elems = sum(math.ceil(sum(g) / n) for g in groups)
-    else:
-        opt_elems = n_train
-    optimizer = {"type": "AdamW (fp32 master + 2 moments)", "partitioned": stage >= 1,
-                 "elements_per_rank": opt_elems, "bytes_per_rank": opt_elems * ADAM_BYTES,
-                 "device": _device(zero.get("offload_optimizer"))}
-    grad_elems = opt_elems if stage >= 2 else n_train
-    grads = {"partitioned": stage >= 2, "elements_per_rank": grad_elems,
-             "bytes_per_rank": grad_elems * 4}
+    prompt, optimizer, grads = _trainable_state(groups, frozen_prompt, pbytes, stage, n, zero)
 
     # -- totals --------------------------------------------------------------------------------
-    dev = (prompt["bytes_per_rank"] + grads["bytes_per_rank"] + backbone["persistent_bytes_per_rank"]
-           + backbone["quant_constant_bytes_per_rank"])
-    host = 0
-    if backbone["partition_device"] == "accelerator":
-        dev += backbone["partition_bytes_per_rank"]
-    else:
-        host += backbone["partition_bytes_per_rank"]
-    if optimizer["device"] == "accelerator":
-        dev += optimizer["bytes_per_rank"]
-    else:
-        host += optimizer["bytes_per_rank"]
-    if device not in ("gpu", "cpu"):
-        raise PlanError(f"--device {device!r}: choose gpu or cpu")
+    dev, host = _placement(backbone, prompt, grads, optimizer)
     runtime = 0
     if device == "cpu":
         runtime = CPU_PROCESS_BYTES + (transient["largest_tensor_elements"] * 4 if use_bf16 else 0)

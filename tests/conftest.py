@@ -121,11 +121,12 @@ def assert_first_step_matches(backbone, model_dir: Path, facts: list[dict]) -> N
 
     from dtvg_ds.data import batches
     from dtvg_ds.data.zoo import get_task
+    from dtvg_ds.methods.base import Optim
     from dtvg_ds.methods.pt import PromptTuning
     from dtvg_ds.model import PromptedSeq2Seq, init_prompt
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = PromptedSeq2Seq(PromptTuning(init_prompt(backbone, 8, "vocab", 0)), backbone)
+    model = PromptedSeq2Seq(PromptTuning(init_prompt(backbone, 8, "vocab", 0), Optim(0.3)), backbone)
     enc = batches.encode(get_task("senti_a").load("train", limit=256), tok, 256, 16)
     losses = [model(**batches.collate(enc, f["indices0"], tok.pad_token_id)) for f in facts]
     for f, loss in zip(facts, losses, strict=True):

@@ -10,7 +10,8 @@ import torch
 
 from dtvg_ds.artifacts import ArtifactError, load_artifact, save_artifact
 from dtvg_ds.config import parse_config
-from dtvg_ds.methods.inputs import check_against_run, load_inputs
+from dtvg_ds.methods import load_inputs
+from dtvg_ds.methods.inputs import check_against_run
 from tests.conftest import ROOT, launch, make_tpvs, p_init_of, read_jsonl, train_args
 
 TRAIN = ROOT / "launchers" / "train.py"

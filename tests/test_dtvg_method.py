@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dtvg_ds.config import parse_config
-from dtvg_ds.methods.dtvg import DTVG
-from dtvg_ds.methods.inputs import load_inputs
+from dtvg_ds.methods import load_inputs
+from dtvg_ds.methods.dtvg import DTVG, DTVGSettings
 from tests.conftest import make_tpvs
 
 
@@ -26,7 +26,8 @@ def build(paths, tmp_path, **kw) -> DTVG:
         argv += [f"--{k}", str(v)]
     cfg = parse_config(argv)
     inputs = load_inputs(cfg)
-    return DTVG(inputs.target.init, inputs, dataclasses.replace(cfg, **inputs.adopted))
+    return DTVG(inputs.target.init, inputs,
+                DTVGSettings.of(dataclasses.replace(cfg, **inputs.adopted)))
 
 
 def test_default_rule_groups_aligned_sources_every_step(tpvs, tmp_path):

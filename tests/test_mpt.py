@@ -75,14 +75,15 @@ def _source(model_dir, root, **backbone_kw):
     from dtvg_ds.config import parse_config
     from dtvg_ds.data import batches
     from dtvg_ds.data.zoo import get_task
-    from dtvg_ds.methods.mpt import MPTSource
+    from dtvg_ds.methods.base import Optim
+    from dtvg_ds.methods.mpt import MPTSettings, MPTSource
     from dtvg_ds.model import PromptedSeq2Seq
 
     paths = _teachers(model_dir, root)
     teachers = [load_artifact(p) for p in paths]
     cfg = parse_config(["--method", "mpt_source", "--task", "senti_a+has_color", "--output_dir",
                         "o", "--source_tpvs", *map(str, paths)])
-    m = MPTSource(teachers[0].init, teachers, cfg)
+    m = MPTSource(teachers[0].init, teachers, MPTSettings.of(cfg), Optim.of(cfg))
     bb = AutoModelForSeq2SeqLM.from_pretrained(model_dir, **backbone_kw)
     bb.requires_grad_(False)
     model = PromptedSeq2Seq(m, bb)
@@ -93,7 +94,8 @@ def _source(model_dir, root, **backbone_kw):
 
 
 def test_distillation_loss_in_one_process(tiny_model, tmp_path):
-    from dtvg_ds.methods.mpt import MPTSource
+    from dtvg_ds.methods.base import Optim
+    from dtvg_ds.methods.mpt import MPTSettings, MPTSource
     from dtvg_ds.model import PromptedSeq2Seq
 
     m, model, b, ids, teachers, cfg = _source(tiny_model, tmp_path)
@@ -106,7 +108,8 @@ def test_distillation_loss_in_one_process(tiny_model, tmp_path):
     assert m.shared.grad.abs().sum() > 0 and m.u.grad.abs().sum() > 0 and m.v.grad.abs().sum() > 0
     # student == teacher for every task: both distillation terms vanish (a fresh method: the
     # teacher prompts are frozen, their device copy is kept from the first use)
-    same = MPTSource(teachers[0].prompt, [teachers[0], teachers[0]], cfg)
+    same = MPTSource(teachers[0].prompt, [teachers[0], teachers[0]], MPTSettings.of(cfg),
+                     Optim.of(cfg))
     with torch.no_grad():
         same.u.fill_(1.0)
         same.v.fill_(1.0)

@@ -12,7 +12,7 @@ import pytest
 from dtvg_ds import rundir
 from dtvg_ds.artifacts import ArtifactError, load_artifact
 from dtvg_ds.config import parse_config
-from dtvg_ds.methods.inputs import load_inputs
+from dtvg_ds.methods import load_inputs
 from tests.conftest import ROOT, launch, read_jsonl, train_args
 
 TRAIN = ROOT / "launchers" / "train.py"

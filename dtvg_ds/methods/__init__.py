@@ -1,4 +1,6 @@
-"""Methods plug into the one engine: each builds a `PromptMethod` from the config."""
+"""Methods plug into the one engine. Each method module defines a `MethodSpec` (its name, the
+stage-1 inputs it reads, its flag checks, its builder); `REGISTRY` collects them, as PEFT maps a
+type to its class. Adding a method = one module + one line here."""
 
 from __future__ import annotations
 
@@ -7,35 +9,39 @@ from typing import Any
 import torch
 
 from dtvg_ds.config import TrainConfig
-from dtvg_ds.methods.base import PromptMethod
-from dtvg_ds.methods.inputs import MethodInputs, check_against_run, load_inputs
+from dtvg_ds.methods import dtvg, mpt, pt, spot
+from dtvg_ds.methods.base import MethodSpec, PromptMethod
+from dtvg_ds.methods.inputs import MethodInputs, check_against_run, read_inputs
 
-__all__ = ["PromptMethod", "build_method", "load_inputs"]
+__all__ = ["REGISTRY", "PromptMethod", "build_method", "load_inputs", "validate"]
+
+REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (
+    pt.SPEC, spot.SPEC, dtvg.SPEC, mpt.SOURCE_SPEC, mpt.TARGET_SPEC)}
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """The method's problems with the flags (passed to `config.parse_config` as a check)."""
+    spec = REGISTRY.get(cfg.method)
+    if spec is None:
+        return [f"--method {cfg.method!r} is unknown; choose one of {', '.join(REGISTRY)}"]
+    probs = spec.check(cfg)
+    if spec.inputs != "tpvs" and (cfg.target_tpv or cfg.source_tpvs):
+        users = ", ".join(s.name for s in REGISTRY.values() if s.inputs == "tpvs")
+        probs.append(f"--target_tpv/--source_tpvs are for {users}, not --method {cfg.method}")
+    return probs
+
+
+def load_inputs(cfg: TrainConfig) -> MethodInputs:
+    """The stage-1 artifacts `cfg.method` reads, loaded and cross-checked."""
+    spec = REGISTRY[cfg.method]
+    inputs = read_inputs(cfg, spec.inputs)
+    if spec.check_inputs is not None:
+        spec.check_inputs(cfg, inputs)
+    return inputs
 
 
 def build_method(cfg: TrainConfig, p_init: torch.Tensor, meta: dict[str, Any],
                  inputs: MethodInputs) -> PromptMethod:
     """The method module of `cfg.method`, built from the shared init and its stage-1 inputs."""
-    from dtvg_ds.methods.dtvg import DTVG
-    from dtvg_ds.methods.pt import PromptTuning
-    from dtvg_ds.methods.spot import SPoT
-
     check_against_run(inputs, meta, p_init)
-    if cfg.method == "pt":
-        return PromptTuning(p_init)
-    if cfg.method == "spot":
-        return SPoT(p_init, inputs, cfg.spot_per_token)
-    if cfg.method == "dtvg":
-        return DTVG(p_init, inputs, cfg)
-    if cfg.method == "mpt_source":
-        from dtvg_ds.data.zoo import resolve_name
-        from dtvg_ds.methods.mpt import MPTSource
-
-        order = {resolve_name(n): i for i, n in enumerate(cfg.task.split("+"))}
-        return MPTSource(p_init, sorted(inputs.sources, key=lambda a: order[resolve_name(a.name)]),
-                         cfg)
-    if cfg.method == "mpt_target":
-        from dtvg_ds.methods.mpt import MPTTarget
-
-        return MPTTarget(p_init, inputs.mpt_source, cfg.mpt_uv_init)
-    raise ValueError(f"--method {cfg.method!r} is not available")
+    return REGISTRY[cfg.method].build(cfg, p_init, inputs)

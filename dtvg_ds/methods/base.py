@@ -8,7 +8,9 @@ what it logs, and what it exports. No method copies another.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +18,41 @@ from torch import nn
 from dtvg_ds import dist
 from dtvg_ds.config import TrainConfig
 from dtvg_ds.data import batches
+
+if TYPE_CHECKING:
+    from dtvg_ds.methods.inputs import MethodInputs
+
+
+@dataclass(frozen=True)
+class Optim:
+    """The optimizer settings of a method's parameter groups."""
+
+    learning_rate: float
+    weight_decay: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Optim:
+        return cls(cfg.learning_rate, cfg.weight_decay)
+
+
+def _no_checks(cfg: TrainConfig) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as the engine knows it (PEFT maps a type to its class the same way): its name,
+    the stage-1 inputs it reads, its flag checks and its builder. Each method module defines
+    its spec; `dtvg_ds.methods.REGISTRY` collects them, and nothing else names a method."""
+
+    name: str
+    build: Callable[[TrainConfig, torch.Tensor, MethodInputs], PromptMethod]
+    # "none"; "tpvs": --target_tpv / --source_tpvs; "mpt_source": --mpt_source
+    inputs: str = "none"
+    # problems with the flags, each naming the flag (run with the config's own validation)
+    check: Callable[[TrainConfig], list[str]] = _no_checks
+    # raises ArtifactError if the loaded stage-1 inputs do not fit the flags
+    check_inputs: Callable[[TrainConfig, MethodInputs], None] | None = None
 
 
 class PromptMethod(nn.Module, abc.ABC):
@@ -42,7 +79,7 @@ class PromptMethod(nn.Module, abc.ABC):
         return t
 
     @abc.abstractmethod
-    def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
+    def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer parameter groups (each with `params`, `lr`, `weight_decay`, `name`)."""
 
     def compute_loss(self, model: nn.Module, input_ids: torch.Tensor,

@@ -9,7 +9,9 @@ P_mix = P_init + a_t . T_t + sum_{s in group} a_s . T_s with autograd.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,30 @@ from torch import nn
 
 from dtvg_ds import dist, prompt_math
 from dtvg_ds.config import TrainConfig
-from dtvg_ds.methods.base import PromptMethod
+from dtvg_ds.methods.base import MethodSpec, PromptMethod
 from dtvg_ds.methods.inputs import MethodInputs
+
+
+@dataclass(frozen=True)
+class DTVGSettings:
+    """The settings DTVG reads: the flags of the same names (defaults in `TrainConfig`; see
+    docs/algorithms.md), and the run's output dir for the group trace."""
+
+    ablation: str
+    ts_threshold: float
+    group_lambda: float
+    regroup_every: int
+    merge_norm: str
+    source_scale_init: float
+    learning_rate: float  # the target prompt (lr_1)
+    target_task_scale_learning_rate: float  # a_t
+    source_task_scale_learning_rate: float  # a_s (lr_2)
+    trace_dir: str  # group_trace/rank<k>.jsonl goes here (the output dir)
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> DTVGSettings:
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "trace_dir"]
+        return cls(**{n: getattr(cfg, n) for n in names}, trace_dir=cfg.output_dir)
 
 
 class DTVG(PromptMethod):
@@ -28,7 +52,7 @@ class DTVG(PromptMethod):
     name = "dtvg"
     log_name = "groups.jsonl"
 
-    def __init__(self, p_init: torch.Tensor, inputs: MethodInputs, cfg: TrainConfig):
+    def __init__(self, p_init: torch.Tensor, inputs: MethodInputs, cfg: DTVGSettings):
         super().__init__(p_init)
         assert inputs.target is not None
         r = p_init.shape[0]
@@ -48,7 +72,9 @@ class DTVG(PromptMethod):
         self.group: list[int] = list(range(n)) if cfg.ablation == "all_sources" else []
         self.fixed = False
         self.have_group = cfg.ablation in ("target_only", "all_sources")
-        self.trace = Path(cfg.output_dir) / "group_trace" / f"rank{dist.rank()}.jsonl"
+        self.trace = Path(cfg.trace_dir) / "group_trace" / f"rank{dist.rank()}.jsonl"
+        self.lrs = (cfg.learning_rate, cfg.target_task_scale_learning_rate,
+                    cfg.source_task_scale_learning_rate)
         self.trace.parent.mkdir(parents=True, exist_ok=True)
 
     # -- the prompt of a step ------------------------------------------------------------------
@@ -59,15 +85,16 @@ class DTVG(PromptMethod):
                                  self.resident("source_vectors", dev), self.scale_sources.float(),
                                  self.group, self.merge_norm)
 
-    def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
+    def param_groups(self) -> list[dict[str, Any]]:
         # Three learning rates as in the published code; no weight decay in stage 2.
+        lr_prompt, lr_target, lr_sources = self.lrs
         return [
-            {"params": [self.prompt], "lr": cfg.learning_rate, "weight_decay": 0.0,
+            {"params": [self.prompt], "lr": lr_prompt, "weight_decay": 0.0,
              "name": "target_prompt"},
-            {"params": [self.scale_target], "lr": cfg.target_task_scale_learning_rate,
-             "weight_decay": 0.0, "name": "target_scale"},
-            {"params": [self.scale_sources], "lr": cfg.source_task_scale_learning_rate,
-             "weight_decay": 0.0, "name": "source_scales"},
+            {"params": [self.scale_target], "lr": lr_target, "weight_decay": 0.0,
+             "name": "target_scale"},
+            {"params": [self.scale_sources], "lr": lr_sources, "weight_decay": 0.0,
+             "name": "source_scales"},
         ]
 
     # -- grouping --------------------------------------------------------------------------------
@@ -136,3 +163,19 @@ class DTVG(PromptMethod):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.group, self.fixed = list(state["group"]), bool(state["fixed"])
         self.have_group = bool(state["have_group"])
+
+
+def _check(cfg: TrainConfig) -> list[str]:
+    probs = []
+    if not cfg.source_tpvs:
+        probs.append("--method dtvg needs --source_tpvs DIR [DIR ...]")
+    if not cfg.target_tpv:
+        probs.append("--method dtvg needs --target_tpv DIR (the target's stage-1 artifact)")
+    return probs
+
+
+def _build(cfg: TrainConfig, p_init: torch.Tensor, inputs: MethodInputs) -> DTVG:
+    return DTVG(p_init, inputs, DTVGSettings.of(cfg))
+
+
+SPEC = MethodSpec("dtvg", _build, inputs="tpvs", check=_check)

@@ -45,12 +45,13 @@ class MethodInputs:
         return [a for a in (self.target, *self.sources, self.mpt_source) if a is not None]
 
 
-def load_inputs(cfg: TrainConfig) -> MethodInputs:
-    """Load and cross-check --target_tpv / --source_tpvs (no-op for methods without them)."""
-    if cfg.method == "mpt_target":
+def read_inputs(cfg: TrainConfig, kind: str) -> MethodInputs:
+    """Load and cross-check the stage-1 inputs a method reads (`MethodSpec.inputs`): "tpvs"
+    (--target_tpv / --source_tpvs), "mpt_source" (--mpt_source) or "none"."""
+    if kind == "mpt_source":
         src = load_artifact(cfg.mpt_source, cfg.allow_in_progress_artifacts)
         return MethodInputs(None, [], src, _adopt_init(cfg, src), str(src.path))
-    if cfg.method not in ("dtvg", "spot", "mpt_source"):
+    if kind != "tpvs":
         return MethodInputs(None, [])
     seen: dict[Path, str] = {}
     names: dict[str, str] = {}
@@ -75,11 +76,6 @@ def load_inputs(cfg: TrainConfig) -> MethodInputs:
         names[resolve_name(art.name)] = path
         sources.append(art)
     check_compatible(([target] if target else []) + sources)
-    if cfg.method == "mpt_source":
-        members = sorted(resolve_name(t) for t in cfg.task.split("+"))
-        if sorted(names) != members:
-            raise ArtifactError(f"--source_tpvs are tasks {sorted(names)} but --task mixes "
-                                f"{members}; give one teacher per mixture task")
     ref = target or sources[0]
     return MethodInputs(target, sources, None, _adopt_init(cfg, ref), str(ref.path))
 

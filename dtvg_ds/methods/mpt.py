@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,8 +30,10 @@ from dtvg_ds import dist, prompt_math
 from dtvg_ds.artifacts import PromptArtifact
 from dtvg_ds.config import TrainConfig
 from dtvg_ds.data import batches
+from dtvg_ds.data.mixtures import MIX_SEPARATOR
 from dtvg_ds.data.zoo import resolve_name
-from dtvg_ds.methods.base import PromptMethod
+from dtvg_ds.methods.base import MethodSpec, Optim, PromptMethod
+from dtvg_ds.methods.inputs import MethodInputs
 
 
 def _factors(k: int, r: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,23 +56,42 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+@dataclass(frozen=True)
+class MPTSettings:
+    """The settings MPT source training reads (the `--mpt_*` flags; `seed` =
+    --prompt_init_seed seeds the task factors)."""
+
+    lam: float
+    temperature: float
+    hidden: str
+    kappa: int
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> MPTSettings:
+        return cls(cfg.mpt_lambda, cfg.mpt_temperature, cfg.mpt_hidden, cfg.mpt_kappa,
+                   cfg.prompt_init_seed)
+
+
 class MPTSource(PromptMethod):
     """Shared P* + per-task (u_k, v_k), distilled from the source tasks' stage-1 prompts."""
 
     name = "mpt_source"
 
-    def __init__(self, p_init: torch.Tensor, teachers: list[PromptArtifact], cfg: TrainConfig):
+    def __init__(self, p_init: torch.Tensor, teachers: list[PromptArtifact], cfg: MPTSettings,
+                 optim: Optim):
         super().__init__(p_init)
+        self.optim = optim
         r, d = p_init.shape
         self.task_names = [resolve_name(t.name) for t in teachers]  # the records' task names
         self.task_index = {n: i for i, n in enumerate(self.task_names)}
         self.shared = nn.Parameter(p_init.clone())
-        u, v = _factors(len(teachers), r, d, cfg.prompt_init_seed)
+        u, v = _factors(len(teachers), r, d, cfg.seed)
         self.u, self.v = nn.Parameter(u), nn.Parameter(v)
         # Frozen teacher prompts: a plain tensor (never partitioned, never cast to bf16).
         self.teachers = torch.stack([t.prompt.float() for t in teachers])
-        self.lam, self.temperature, self.hidden = cfg.mpt_lambda, cfg.mpt_temperature, cfg.mpt_hidden
-        self.kappa = cfg.mpt_kappa or len(teachers)
+        self.lam, self.temperature, self.hidden = cfg.lam, cfg.temperature, cfg.hidden
+        self.kappa = cfg.kappa or len(teachers)
         self._parts: dict[str, float] = {}
 
     def forward(self, task_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,9 +99,9 @@ class MPTSource(PromptMethod):
             return self.shared
         return self.shared.unsqueeze(0) * self.u[task_ids].unsqueeze(2) * self.v[task_ids].unsqueeze(1)
 
-    def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
-        return [{"params": [self.shared, self.u, self.v], "lr": cfg.learning_rate,
-                 "weight_decay": cfg.weight_decay, "name": "mpt"}]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.shared, self.u, self.v], "lr": self.optim.learning_rate,
+                 "weight_decay": self.optim.weight_decay, "name": "mpt"}]
 
     def micro_batch(self, micro_step: int, ex_tasks: list[str], seed: int, micro_batch: int,
                     rank: int, world: int) -> list[int]:
@@ -154,8 +176,9 @@ class MPTTarget(PromptMethod):
 
     name = "mpt_target"
 
-    def __init__(self, p_init: torch.Tensor, source: PromptArtifact, uv_init: str):
+    def __init__(self, p_init: torch.Tensor, source: PromptArtifact, uv_init: str, optim: Optim):
         super().__init__(p_init)
+        self.optim = optim
         if "u" not in source.tensors or "v" not in source.tensors:
             from dtvg_ds.artifacts import ArtifactError
 
@@ -172,9 +195,9 @@ class MPTTarget(PromptMethod):
     def forward(self, **_: Any) -> torch.Tensor:
         return prompt_math.mpt_prompt(self.shared, self.u, self.v)
 
-    def param_groups(self, cfg: TrainConfig) -> list[dict[str, Any]]:
-        return [{"params": [self.shared, self.u, self.v], "lr": cfg.learning_rate,
-                 "weight_decay": cfg.weight_decay, "name": "mpt"}]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": [self.shared, self.u, self.v], "lr": self.optim.learning_rate,
+                 "weight_decay": self.optim.weight_decay, "name": "mpt"}]
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         with dist.gathered([self.shared, self.u, self.v]):
@@ -184,3 +207,48 @@ class MPTTarget(PromptMethod):
 
     def artifact_meta(self) -> dict[str, Any]:
         return {"mpt_source_tasks": self.source_tasks, "mpt_uv_init": self.uv_init}
+
+
+def _check_source(cfg: TrainConfig) -> list[str]:
+    probs = []
+    if cfg.do_test:
+        probs.append("--do_test: an MPT source run holds one prompt per task; score each "
+                     "with python -m dtvg_ds.evaluation --artifact DIR --task T --mpt_task T")
+    if not cfg.source_tpvs:
+        probs.append("--method mpt_source needs --source_tpvs (the teachers' stage-1 dirs)")
+    if MIX_SEPARATOR not in cfg.task:
+        probs.append(f"--method mpt_source trains on a mixture: --task a{MIX_SEPARATOR}b"
+                     f"{MIX_SEPARATOR}... (the sources)")
+    return probs
+
+
+def _check_teachers(cfg: TrainConfig, inputs: MethodInputs) -> None:
+    """One teacher (stage-1 artifact) per task of the mixture."""
+    from dtvg_ds.artifacts import ArtifactError
+
+    members = sorted(resolve_name(t) for t in cfg.task.split(MIX_SEPARATOR))
+    names = sorted(resolve_name(a.name) for a in inputs.sources)
+    if names != members:
+        raise ArtifactError(f"--source_tpvs are tasks {names} but --task mixes {members}; give "
+                            "one teacher per mixture task")
+
+
+def _build_source(cfg: TrainConfig, p_init: torch.Tensor, inputs: MethodInputs) -> MPTSource:
+    order = {resolve_name(n): i for i, n in enumerate(cfg.task.split(MIX_SEPARATOR))}
+    teachers = sorted(inputs.sources, key=lambda a: order[resolve_name(a.name)])
+    return MPTSource(p_init, teachers, MPTSettings.of(cfg), Optim.of(cfg))
+
+
+def _check_target(cfg: TrainConfig) -> list[str]:
+    if not cfg.mpt_source:
+        return ["--method mpt_target needs --mpt_source DIR (an mpt_source run's output)"]
+    return []
+
+
+def _build_target(cfg: TrainConfig, p_init: torch.Tensor, inputs: MethodInputs) -> MPTTarget:
+    return MPTTarget(p_init, inputs.mpt_source, cfg.mpt_uv_init, Optim.of(cfg))
+
+
+SOURCE_SPEC = MethodSpec("mpt_source", _build_source, inputs="tpvs", check=_check_source,
+                         check_inputs=_check_teachers)
+TARGET_SPEC = MethodSpec("mpt_target", _build_target, inputs="mpt_source", check=_check_target)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from dtvg_ds import prompt_math
+from dtvg_ds.config import TrainConfig
+from dtvg_ds.methods.base import MethodSpec, Optim
 from dtvg_ds.methods.inputs import MethodInputs
 from dtvg_ds.methods.pt import PromptTuning
 
@@ -28,12 +30,30 @@ class SPoT(PromptTuning):
 
     name = "spot"
 
-    def __init__(self, p_init: torch.Tensor, inputs: MethodInputs, per_token: bool):
+    def __init__(self, p_init: torch.Tensor, inputs: MethodInputs, per_token: bool,
+                 optim: Optim):
         self.choice, self.similarities = choose_source(inputs, per_token)
         self.chosen = inputs.sources[self.choice].name
         self.per_token = per_token
-        super().__init__(p_init, start=inputs.sources[self.choice].prompt)
+        super().__init__(p_init, optim, start=inputs.sources[self.choice].prompt)
 
     def artifact_meta(self) -> dict:
         return {"spot_source": self.chosen, "spot_similarities": self.similarities,
                 "spot_variant": "per_token" if self.per_token else "average_token"}
+
+
+def _check(cfg: TrainConfig) -> list[str]:
+    probs = []
+    if not cfg.source_tpvs:
+        probs.append("--method spot needs --source_tpvs DIR [DIR ...]")
+    if not cfg.target_tpv and len(cfg.source_tpvs) > 1:
+        probs.append("--method spot with several --source_tpvs needs --target_tpv (to pick "
+                     "the most similar source); generic SPoT takes one mixture prompt")
+    return probs
+
+
+def _build(cfg: TrainConfig, p_init: torch.Tensor, inputs: MethodInputs) -> SPoT:
+    return SPoT(p_init, inputs, cfg.spot_per_token, Optim.of(cfg))
+
+
+SPEC = MethodSpec("spot", _build, inputs="tpvs", check=_check)
