@@ -77,6 +77,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    """All rows or nothing: one atomic write (temp file, fsync, rename)."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    atomic_write_bytes(path, data.encode("utf-8"))
+
+
 @dataclass
 class PromptArtifact:
     """An artifact in memory: fp32 CPU tensors and the metadata dict."""

@@ -28,7 +28,7 @@ from dtvg_ds.checkpoint import (
 )
 from dtvg_ds.config import ConfigError, TrainConfig, parse_config
 from dtvg_ds.data.zoo import TaskError
-from dtvg_ds.engine import Preempted, TrainingError
+from dtvg_ds.errors import Preempted, TrainingError
 from dtvg_ds.methods import validate as validate_method
 from dtvg_ds.model import ModelLoadError
 

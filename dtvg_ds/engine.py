@@ -37,6 +37,7 @@ from dtvg_ds.config import zero_stage as get_zero_stage
 from dtvg_ds.data import batches
 from dtvg_ds.data.mixtures import MIX_SEPARATOR, MixtureTask, is_mixture
 from dtvg_ds.data.zoo import Task, get_task
+from dtvg_ds.errors import Preempted, TrainingError
 from dtvg_ds.evaluation import evaluate, metric_name
 from dtvg_ds.logs import RunLogger, configure_logging, info, progress
 from dtvg_ds.methods import build_method, load_inputs
@@ -49,10 +50,6 @@ from dtvg_ds.model import (
     init_prompt,
     load_backbone,
 )
-
-
-class TrainingError(RuntimeError):
-    """A run-time problem the user can act on (message names it)."""
 
 
 @dataclass
@@ -93,10 +90,6 @@ class StartupClock:
         self.mark("first_step")
         return {"startup_s_to_first_step": round(self.last - self.t0, 3),
                 **{f"startup_{k}_s": v for k, v in self.phases.items()}}
-
-
-class Preempted(RuntimeError):
-    """SIGTERM/SIGUSR1 arrived; a checkpoint was written and the run stopped cleanly."""
 
 
 class _StopSignal:

@@ -154,8 +154,7 @@ def write_scores(out_dir: Path, task: Task | MixtureTask, split: str, recs: list
                  preds: list[str], result: dict[str, float], extra: dict[str, Any]) -> Path:
     """Rank 0: `<out_dir>/<task>-<split>.json` (the scores and what they depend on) and
     `.predictions.jsonl` (source, target, prediction per example), each written atomically."""
-    from dtvg_ds.artifacts import atomic_write_json
-    from dtvg_ds.predict import write_jsonl_atomic
+    from dtvg_ds.artifacts import atomic_write_json, write_jsonl_atomic
 
     stem = f"{task.name}-{split}"
     path = out_dir / f"{stem}.json"

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from dtvg_ds.artifacts import ArtifactError, PromptArtifact, atomic_write_bytes, load_artifact
+from dtvg_ds.artifacts import ArtifactError, PromptArtifact, load_artifact, write_jsonl_atomic
 
 
 class PredictError(ValueError):
@@ -191,12 +191,6 @@ def predict(model: Any, tokenizer: Any, sources: list[str], batch_size: int = 32
                 out[i] = text
             bar.update(len(idx))
     return out
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    """All rows or nothing: one atomic write (temp file, fsync, rename)."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    atomic_write_bytes(path, data.encode("utf-8"))
 
 
 def run(args: argparse.Namespace) -> Path:
