@@ -42,8 +42,11 @@ def fresh(tmp_path_factory) -> Path:
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"
                               "['purelib'])"], capture_output=True, text=True, check=True).stdout
     (Path(purelib.strip()) / "test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # Without PYTHONPATH (make exports the checkout, whose dtvg_ds.egg-info would make pip
+    # think dtvg_ds is installed already) and ignoring what the linked test venv holds.
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
-                    "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300)
+                    "--no-deps", "--ignore-installed", str(wheel)], check=True,
+                   capture_output=True, timeout=300, env=_env())
     return py
 
 
