@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import HUB_COMMIT as COMMIT
 from conftest import HUB_REPO as REPO
-from conftest import ROOT, VENV_BIN, ds_env, free_port, launch, train_args
+from conftest import ROOT, ds_env, free_port, launch, train_args
 
 
 def fetch(home, *args: str, offline: bool = True) -> subprocess.CompletedProcess:
@@ -73,19 +73,24 @@ def test_a_missing_backbone_stops_every_rank_with_one_error(hf_home, tmp_path):
 
 @pytest.mark.dist
 def test_each_node_reads_once_on_its_local_rank_0(tmp_path):
-    """Two torchrun "nodes" of 2 ranks on one machine, each with its own cache dir (per-node
+    """Two "nodes" of 2 ranks on one machine, each with its own cache dir (per-node
     disks): per node only local rank 0 tokenises; the node's other rank runs a `local_first`
     read after its local rank 0 finished; a failure on node 1's local rank 0 stops every rank."""
+    # The 4 ranks are started directly with the launcher's environment (2 "nodes" x 2 local
+    # ranks), not by two torchrun agents: the agent that hosts the rendezvous store can exit
+    # before the other agent's exit barrier, which fails that agent although every rank passed.
     port = str(free_port())
     procs = []
     for node in (0, 1):
-        cmd = [str(VENV_BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node),
-               "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port,
-               str(ROOT / "tests" / "node_probe.py"), str(tmp_path), str(tmp_path / f"cache{node}"),
-               "1"]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=ds_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+        for local in (0, 1):
+            env = ds_env(RANK=str(2 * node + local), WORLD_SIZE="4", LOCAL_RANK=str(local),
+                         LOCAL_WORLD_SIZE="2", GROUP_RANK=str(node), MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=port)
+            cmd = [sys.executable, str(ROOT / "tests" / "node_probe.py"), str(tmp_path),
+                   str(tmp_path / f"cache{node}"), "1"]
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0][-3000:] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     facts = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     for f in facts:
