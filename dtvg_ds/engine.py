@@ -605,26 +605,18 @@ def _train_loop(run: Run, logger: RunLogger, method_log: RunLogger,
 def _test(run: Run, best: Best, logger: RunLogger, step: int) -> dict[str, float]:
     """--do_test: the exported (dev-selected) prompt on the test split, decoded by the same
     sharded backbone; written like `python -m dtvg_ds.evaluation` writes it (all ranks)."""
-    from dtvg_ds.evaluation import generate_all, score, score_settings, write_scores
+    from dtvg_ds.evaluation import score_split
 
     enc, recs, ex_tasks = run.test
     cfg = run.cfg
     fixed = PromptedSeq2Seq(FixedPrompt(best.tensors["prompt"]), run.model.backbone)
-    t0 = time.time()
-    preds, res = generate_all(run.engine, fixed, enc, run.tokenizer, cfg.per_device_eval_batch_size,
-                              cfg.generation_max_length, run.zero_stage, cfg.eval_gather_backbone,
-                              ex_tasks)
-    result: dict[str, float] = {}
-    if dist.is_main():
-        result = score(run.task, list(range(len(enc))), preds, enc, ex_tasks)
-        path = write_scores(Path(cfg.output_dir) / "eval", run.task, "test", recs, preds, result,
-                            {"best_step": best.step, "eval_runtime": round(time.time() - t0, 3),
-                             "backbone_resident": res,
-                             **score_settings(cfg, cfg.model_name_or_path)})
-        logger.log({"step": step, **{f"test_{k}": v for k, v in result.items()}})
-        info(f"test ({len(enc)} examples, prompt of step {best.step}): "
-             f"{metric_name(run.task)} {result['score']:.4f} -> {path}")
-    return dist.broadcast_object(result)  # collective: every rank returns the same summary
+    result, path = score_split(run.engine, fixed, enc, recs, ex_tasks, run.task, run.tokenizer,
+                               cfg, run.zero_stage, Path(cfg.output_dir) / "eval", "test",
+                               {"best_step": best.step})
+    logger.log({"step": step, **{f"test_{k}": v for k, v in result.items()}})
+    info(f"test ({len(enc)} examples, prompt of step {best.step}): "
+         f"{metric_name(run.task)} {result['score']:.4f} -> {path}")
+    return result
 
 
 

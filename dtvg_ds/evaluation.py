@@ -168,6 +168,27 @@ def write_scores(out_dir: Path, task: Task | MixtureTask, split: str, recs: list
     return path
 
 
+def score_split(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded,
+                recs: list[dict[str, Any]], ex_tasks: list[str], task: Task | MixtureTask,
+                tokenizer: Any, cfg: TrainConfig, zero_stage: int, out_dir: Path, split: str,
+                extra: dict[str, Any], progress: bool = False) -> tuple[dict[str, float], Path]:
+    """Decode every example (all ranks), score and write `<out_dir>/<task>-<split>.*` on rank 0
+    (`extra` joins the settings recorded); every rank returns (the metrics, the result file)."""
+    t0 = time.time()
+    preds, res = generate_all(engine, model, enc, tokenizer, cfg.per_device_eval_batch_size,
+                              cfg.generation_max_length, zero_stage, cfg.eval_gather_backbone,
+                              ex_tasks, progress=progress)
+    result: dict[str, float] = {}
+    path = out_dir / f"{task.name}-{split}.json"
+    if dist.is_main():
+        result = score(task, list(range(len(enc))), preds, enc, ex_tasks)
+        write_scores(out_dir, task, split, recs, preds, result,
+                     {**extra, "eval_runtime": round(time.time() - t0, 3),
+                      "backbone_resident": res, "zero_stage": zero_stage,
+                      **score_settings(cfg, extra.get("backbone", cfg.model_name_or_path))})
+    return dist.broadcast_object(result), path  # collective: every rank gets the metrics
+
+
 def score_settings(cfg: TrainConfig, backbone: str) -> dict[str, Any]:
     """What a score depends on besides the prompt: recorded next to every score."""
     return {"data_seed": cfg.data_seed, "max_source_length": cfg.max_source_length,
@@ -239,24 +260,14 @@ def score_artifact(args: Any) -> dict[str, Any]:
                                   cfg.deepspeed, cfg.bf16, cfg.cache_dir)
     enc = batches.encode(recs, dec.tokenizer, cfg.max_source_length, cfg.max_target_length)
     ex_tasks = [r.get("task", task.name) for r in recs]
-    t0 = time.time()
-    preds, res = generate_all(dec.engine, dec.model, enc, dec.tokenizer,
-                              cfg.per_device_eval_batch_size, cfg.generation_max_length,
-                              dec.zero_stage, cfg.eval_gather_backbone, ex_tasks, progress=True)
-    result: dict[str, Any] = {}
-    if dist.is_main():
-        result = score(task, list(range(len(enc))), preds, enc, ex_tasks)
-        path = write_scores(Path(args.output_dir or Path(args.artifact) / EVAL_DIR), task,
-                            args.split, recs, preds, result,
-                            {"artifact": str(Path(args.artifact).resolve()),
-                             "best_step": art.meta.get("best_metric", {}).get("step"),
-                             "eval_runtime": round(time.time() - t0, 3),
-                             "backbone_resident": res, "zero_stage": dec.zero_stage,
-                             **score_settings(cfg, args.model_name_or_path or
-                                              str(art.meta["backbone"]))})
-        info(f"{task.name} {args.split}: {metric_name(task)} = {result['score']:.4f} on "
-             f"{len(enc)} examples -> {path}")
-    dist.barrier()  # collective: every rank; rank 0 has written the result
+    backbone = args.model_name_or_path or str(art.meta["backbone"])
+    result, path = score_split(
+        dec.engine, dec.model, enc, recs, ex_tasks, task, dec.tokenizer, cfg, dec.zero_stage,
+        Path(args.output_dir or Path(args.artifact) / EVAL_DIR), args.split,
+        {"artifact": str(Path(args.artifact).resolve()), "backbone": backbone,
+         "best_step": art.meta.get("best_metric", {}).get("step")}, progress=True)
+    info(f"{task.name} {args.split}: {metric_name(task)} = {result['score']:.4f} on "
+         f"{len(enc)} examples -> {path}")
     return result
 
 

@@ -167,10 +167,14 @@ def export_peft(artifact_dir: str | Path, out_dir: str | Path, model_name_or_pat
 
     name = model_name_or_path or str(art.meta["backbone"])
     # 'demo' means nothing to PEFT: record the directory it resolves to on this machine.
-    base = backbone.resolve(name, cache_dir) if name == DEMO_MODEL else name
+    # Checked against the backbone when one is named or present here (a Hub id recorded in the
+    # artifact is not fetched just to export); 'demo' is recorded as the dir it resolves to.
+    check = model_name_or_path is not None or name == DEMO_MODEL or Path(name).is_dir()
+    path = backbone.resolve(name, cache_dir) if check else name
+    base = path if name == DEMO_MODEL else name
     config = None
-    if model_name_or_path is not None or Path(base).is_dir():
-        config = backbone.read_config(backbone.resolve(base, cache_dir), name)
+    if check:
+        config = backbone.read_config(path, name)
         backbone.check_artifact(art, backbone.fingerprint(config), name, config.d_model)
     # safetensors header metadata must be str -> str; PEFT only needs "format": "pt".
     provenance = {"format": "pt", "dtvg_ds.task": str(art.meta["task"]),
