@@ -70,6 +70,24 @@ def run_entry(fn: Callable[[TrainConfig], Any], argv: list[str]) -> int:
     return 0
 
 
+def run_tool(body: Callable[[], Any], errors: tuple[type[Exception], ...] = ()) -> int:
+    """Run a distributed tool's `body` (evaluation, predict): a user error (`USER_ERRORS` plus
+    `errors`) prints one `error:` line and returns 2; a failed peer is reported once per node;
+    the process group is torn down either way. 0 when `body` returned."""
+    try:
+        body()
+    except dist.PeerError as e:  # another rank failed and reports why
+        if dist.local_rank() == 0:
+            report_error(e)
+        return 2
+    except (*USER_ERRORS, *errors) as e:
+        report_error(e)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
 def report_error(e: Exception) -> None:
     """One `error:` line per problem (a ConfigError may list several)."""
     _close_progress_bars()

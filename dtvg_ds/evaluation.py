@@ -272,26 +272,14 @@ def score_artifact(args: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: user errors print one `error:` line and return 2 (cli.run_entry's rules)."""
+    """CLI entry: user errors print one `error:` line and return 2 (`cli.run_tool`)."""
     import sys
 
-    from dtvg_ds.cli import USER_ERRORS, report_error, shutdown
+    from dtvg_ds.cli import run_tool
     from dtvg_ds.export import ExportError
 
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        score_artifact(args)
-    except dist.PeerError as e:
-        if dist.local_rank() == 0:
-            report_error(e)
-        return 2
-    except (*USER_ERRORS, ExportError) as e:
-        report_error(e)
-        return 2
-    finally:
-        shutdown()
-    return 0
-
+    return run_tool(lambda: score_artifact(args), (ExportError,))
 
 if __name__ == "__main__":
     from dtvg_ds.cli import exit_process

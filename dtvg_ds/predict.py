@@ -277,28 +277,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: user errors print one `error:` line and return 2."""
     from dtvg_ds import dist
-    from dtvg_ds.cli import USER_ERRORS, report_error, shutdown
+    from dtvg_ds.cli import run_tool
     from dtvg_ds.data.zoo import TaskError
     from dtvg_ds.export import ExportError
     from dtvg_ds.model import ModelLoadError
 
     args = _parser().parse_args(argv)
-    try:
-        out = run(args)
-        main_rank = dist.is_main()
-    except dist.PeerError as e:
-        if dist.local_rank() == 0:
-            report_error(e)
-        return 2
-    except (PredictError, ArtifactError, ExportError, ModelLoadError, TaskError, *USER_ERRORS) as e:
-        report_error(e)
-        return 2
-    finally:
-        shutdown()
-    if main_rank:
-        print(f"predictions written to {out}")
-    return 0
 
+    def body() -> None:
+        out = run(args)
+        if dist.is_main():
+            print(f"predictions written to {out}")
+
+    return run_tool(body, (PredictError, ArtifactError, ExportError, ModelLoadError, TaskError))
 
 if __name__ == "__main__":
     from dtvg_ds.cli import exit_process
