@@ -89,9 +89,9 @@ def run_tool(body: Callable[[], Any], errors: tuple[type[Exception], ...] = ()) 
 
 
 def report_error(e: Exception) -> None:
-    """One `error:` line per problem (a ConfigError may list several)."""
+    """One `error:` line per problem (a ConfigError or ProtocolError may list several)."""
     _close_progress_bars()
-    problems = e.problems if isinstance(e, ConfigError) else [str(e)]
+    problems = getattr(e, "problems", None) or [str(e)]
     # one write per line: ranks share the launcher's stderr, and print() writes the text and
     # the newline separately, which interleaves two ranks' lines
     sys.stderr.write("".join(f"error: {' '.join(str(p).split())}\n" for p in problems))

@@ -258,18 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def yaml_mapping(p: Path, label: str, error: type[Exception] | None = None) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; `error` (ConfigError by default; it takes a
+    list of problems) names `label` (how the user gave the file) and the fix."""
     import yaml
 
-    p = Path(path)
+    err = error or ConfigError
     if not p.is_file():
-        raise ConfigError([f"--config {path}: no such file; pass an existing YAML file"])
+        raise err([f"{label}: no such file; pass an existing YAML file"])
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError([f"--config {path}: not valid YAML ({e}); fix the file"]) from None
+        raise err([f"{label}: not valid YAML ({' '.join(str(e).split())}); fix the file"]
+                  ) from None
     if not isinstance(data, dict):
-        raise ConfigError([f"--config {path}: expected a mapping of setting: value"])
+        raise err([f"{label}: expected a mapping of setting: value"])
+    return data
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    data = yaml_mapping(Path(path), f"--config {path}")
     known = {f.name for f in _cli_fields()}
     unknown = sorted(set(data) - known)
     if unknown:

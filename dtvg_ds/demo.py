@@ -11,50 +11,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from dtvg_ds import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("senti_a", "senti_b", "senti_a_flip", "has_color", "has_number")
 TARGET = "senti_c"
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _gpus() -> int:
-    """CUDA devices this process sees, unless DS_ACCELERATOR=cpu asks for the CPU."""
-    import torch
-
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def _launch(args: list[str], ranks: int, log: Path) -> None:
-    """One real `deepspeed` launch of launchers/train.py; its output goes to `log`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if not _gpus():  # on a GPU machine DeepSpeed picks CUDA (NCCL) itself
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", "1")
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", _port(),
-           str(ROOT / "launchers" / "train.py"), *args]
-    print("  $ " + " ".join(["deepspeed", "--num_gpus", str(ranks), "launchers/train.py",
+    """One real `deepspeed` launch of dtvg_ds.train; its output goes to `log`."""
+    print("  $ " + " ".join(["deepspeed", "--num_gpus", str(ranks), "--module", "dtvg_ds.train",
                              *args]), flush=True)
-    with log.open("w") as f:
-        p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if p.returncode != 0:
+    if log.exists():
+        log.unlink()
+    rc = launch.run(args, ranks, log)
+    if rc != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
-        raise SystemExit(f"demo: run failed (exit {p.returncode}); log {log}:\n{tail}")
+        raise SystemExit(f"demo: run failed (exit {rc}); log {log}:\n{tail}")
 
 
 def _common(out: Path, task: str, steps: int) -> list[str]:
@@ -97,7 +74,7 @@ def _group_timeline(groups_jsonl: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="where the demo runs go")
-    ap.add_argument("--ranks", type=int, default=min(_gpus(), 2) or 2,
+    ap.add_argument("--ranks", type=int, default=min(launch.gpus(), 2) or 2,
                     help="DeepSpeed ranks (GPUs, or CPU processes without one)")
     ap.add_argument("--steps", type=int, default=300, help="stage-1 steps per task")
     ap.add_argument("--dtvg_steps", type=int, default=200, help="stage-2 steps")

@@ -30,7 +30,7 @@ ASIDE_PREFIX = ".replaced-"
 # checkpoint.py, memtrace.py, methods/dtvg.py, W&B, the sbatch scripts' shared-fs probe).
 OWNED = ("checkpoints", "metrics.jsonl", "groups.jsonl", "method.jsonl", "group_trace",
          "run_config.json", RUN_FILE, "prompt.safetensors", "tpv.json", "tensorboard", "wandb",
-         "wandb_run_id", "adapter", "report", "memory.rank*.jsonl", ".*.tmp",
+         "wandb_run_id", "adapter", "report", "eval", "memory.rank*.jsonl", ".*.tmp",
          ".slurm-shared-check.*", ".dtvg_ds-write-probe-*", f"{ASIDE_PREFIX}*")
 # Settings a resumed run may change: how long it runs, how often it logs/evaluates/saves, where
 # logs go and how it is launched. Anything else changes what is being trained.

@@ -1,0 +1,75 @@
+"""`deepspeed: auto` / `per_device_train_batch_size: auto`: the memory planner picks them per job.
+
+For the job's GPU memory, ranks, lengths and prompt, `dtvg_ds.plan.plan` models each rank's
+peak of a training step. The first ZeRO config (in the order below: less communication first)
+with the largest micro batch that divides the per-rank share of the global batch and keeps the
+modelled peak under `HEADROOM` of the GPU's memory wins; accumulation makes up the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from dtvg_ds.config import read_ds_config
+from dtvg_ds.protocol.spec import AUTO, Protocol
+
+if TYPE_CHECKING:
+    from dtvg_ds.protocol.graph import Job
+
+CANDIDATES = ("zero2", "zero3", "zero3_offload")  # whole backbone first: no per-layer gathers
+HEADROOM = 0.85  # the planner leaves out allocator fragmentation, the CUDA context, buffers
+GIB = 2**30
+_PEAKS: dict[tuple[Any, ...], float] = {}
+
+
+def micro_batches(per_rank: int) -> list[int]:
+    """Divisors of the per-rank batch share that are powers of two, largest first (and the
+    share itself if it is not one)."""
+    sizes = {per_rank} | {2**i for i in range(int(math.log2(max(per_rank, 1))) + 1)
+                          if per_rank % 2**i == 0}
+    return sorted(sizes, reverse=True)
+
+
+def choose(p: Protocol, job: Job) -> dict[str, Any]:
+    """{'deepspeed', 'per_device_train_batch_size', 'peak_train_gib', 'gpu_memory_gib',
+    'planner'} for `job`; raises ValueError when nothing fits (naming what to change)."""
+    from dtvg_ds.plan import PlanError, load_config, plan
+
+    try:
+        config, _ = load_config(p.model_name_or_path)
+    except PlanError as e:
+        raise ValueError(str(e)) from None
+    f = job.flags
+    per_rank = max(job.global_batch // job.ranks, 1)
+    configs = CANDIDATES if p.deepspeed == AUTO else (p.deepspeed,)
+    micros = (micro_batches(per_rank) if p.per_device_train_batch_size == AUTO
+              else [int(p.per_device_train_batch_size)])
+    budget = p.resources.gpu_memory_gib * GIB * HEADROOM
+    method = "dtvg" if job.method == "dtvg" else "pt"  # the planner models these two prompts
+    for name in configs:
+        for micro in micros:
+            key = (p.model_name_or_path, name, job.ranks, micro, method,
+                   len(f.get("source_tpvs", ())) or 1, int(f.get("num_virtual_tokens", 100)),
+                   bool(f.get("bf16", False)), int(f.get("max_source_length", 256)),
+                   int(f.get("max_target_length", 16)), bool(f.get("gradient_checkpointing")))
+            if key not in _PEAKS:  # jobs of a protocol share most keys; a plan costs seconds
+                try:
+                    _PEAKS[key] = plan(config, job.ranks, read_ds_config(name), key[6], key[7],
+                                       method, key[5], batch=micro, source_len=key[8],
+                                       target_len=key[9], gradient_checkpointing=key[10],
+                                       )["transient"]["peak_train_bytes_per_rank"]
+                except PlanError:
+                    _PEAKS[key] = math.inf
+            peak = _PEAKS[key]
+            if peak <= budget:
+                return {"deepspeed": name, "per_device_train_batch_size": micro,
+                        "peak_train_gib": round(peak / GIB, 2),
+                        "gpu_memory_gib": p.resources.gpu_memory_gib,
+                        "planner": f"python -m dtvg_ds.plan --model_name_or_path "
+                                   f"{p.model_name_or_path} --world_size {job.ranks} "
+                                   f"--deepspeed {name} --per_device_train_batch_size {micro}"}
+    raise ValueError(f"no ZeRO config of {list(configs)} with a micro batch of "
+                     f"{micros[-1]}..{micros[0]} fits {p.resources.gpu_memory_gib} GiB per GPU "
+                     f"(x{HEADROOM} headroom); add GPUs (resources.gpus_per_node/nodes), set "
+                     "gradient_checkpointing: true in flags, or shorten max_source_length")
