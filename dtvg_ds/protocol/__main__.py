@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{key}", type=tp, help=f"override resources.{key} of the file")
     p.add_argument("--model_name_or_path", help="override the file's backbone")
     p.add_argument("--seeds", type=int, nargs="+", help="override the file's seeds")
+    p.add_argument("--verbose", action="store_true", help="print every job's command line")
     p.add_argument("--set", nargs="+", default=[], metavar="FLAG=VALUE",
                    help="training flags for every job, beating the file (e.g. a smoke test of "
                         "the whole graph: --set max_steps=20 eval_steps=10 max_eval_samples=50)")
@@ -72,19 +73,36 @@ def plan_cmd(args: Any) -> int:
     out = Path(args.out).resolve()
     jobs = graph.build(proto, out)
     path = graph.write(out, proto, jobs)
-    kinds = Counter(j.kind for j in jobs)
-    print(f"{proto.name}: {len(jobs)} jobs ({', '.join(f'{n} {k}' for k, n in kinds.items())})"
-          f" -> {path}")
-    for j in jobs:
-        f = j.flags
-        line = (f"  {j.id:<40} {j.method:<11} steps {f.get('max_steps', '?'):>7}  "
-                f"{j.ranks} ranks x micro {f['per_device_train_batch_size']} x accum "
-                f"{f['gradient_accumulation_steps']}  {f['deepspeed']}")
-        if j.recipe:
-            line += f" (planned peak {j.recipe['peak_train_gib']} GiB of {j.recipe['gpu_memory_gib']})"
-        print(line + (f"  after {', '.join(j.deps)}" if j.deps else ""))
+    print(f"{proto.name}: {len(jobs)} jobs -> {path}")
+    print(_summarise(jobs))
+    if args.verbose:
+        for j in jobs:
+            print(f"  {j.id:<44} after {', '.join(j.deps) or '-'}\n    {' '.join(j.argv())}")
     print(f"next: python -m dtvg_ds.protocol run {args.out} --executor local|slurm")
     return 0
+
+
+def _summarise(jobs: list[graph.Job]) -> str:
+    """One line per kind of job: how many, their steps, how a step's batch is made."""
+    groups: dict[tuple[str, ...], list[graph.Job]] = {}
+    for j in jobs:
+        f = j.flags
+        key = (j.label or j.kind, j.method, f"{j.ranks} ranks x micro "
+               f"{f['per_device_train_batch_size']} x accum {f['gradient_accumulation_steps']} "
+               f"= {j.global_batch}", str(f["deepspeed"]))
+        groups.setdefault(key, []).append(j)
+    lines = [f"  {'row':<18}{'method':<12}{'jobs':>5}{'steps':>17}  batch per step, ZeRO config"]
+    for (row, method, batch, ds), js in groups.items():
+        steps = sorted(int(j.flags.get("max_steps", 1000)) for j in js)
+        span = str(steps[0]) if steps[0] == steps[-1] else f"{steps[0]}-{steps[-1]}"
+        rec = js[0].recipe
+        extra = f" (planned peak {rec['peak_train_gib']} of {rec['gpu_memory_gib']} GiB)" \
+            if rec else ""
+        lines.append(f"  {row:<18}{method:<12}{len(js):>5}{span:>17}  {batch}, {ds}{extra}")
+    total = sum(int(j.flags.get("max_steps", 1000)) * j.global_batch for j in jobs)
+    lines.append(f"  total: {total / 1e6:.1f} M training examples over all jobs "
+                 "(+ evaluation); `--verbose` lists every job's flags")
+    return "\n".join(lines)
 
 
 def _assignments(items: list[str]) -> dict[str, Any]:

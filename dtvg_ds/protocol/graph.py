@@ -125,7 +125,8 @@ def build(p: Protocol, out: Path) -> list[Job]:
         for t in p.targets:
             for seed in p.seeds:
                 tag = f"{t}-{cell_name(k)}-s{seed}"
-                target = add(f"{PT_LABEL}-{tag}", "target", PT_LABEL, t, p.stage1, seed, k, [t],
+                target = add(f"{PT_LABEL}-{tag}", "target", PT_LABEL, t,
+                             p.target_stage1 or p.stage1, seed, k, [t],
                              {"method": "pt"}, [], p.test)
                 # a target that is also a source (GLUE's MNLI, ...) never transfers from itself
                 others = [j for j in sources if j.task != t]

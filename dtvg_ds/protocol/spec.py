@@ -14,7 +14,8 @@ from typing import Any
 SHIPPED = Path(__file__).resolve().parents[1] / "protocols"  # package data -> ../protocols
 TOP_KEYS = ("name", "description", "model_name_or_path", "deepspeed", "resources",
             "global_batch_size", "per_device_train_batch_size", "seeds", "stage1_seed",
-            "k_shot", "flags", "tasks", "sources", "benchmarks", "stage1", "mpt_source",
+            "k_shot", "flags", "tasks", "sources", "benchmarks", "stage1", "target_stage1",
+            "mpt_source",
             "methods", "published", "test")
 RESOURCE_KEYS = ("nodes", "gpus_per_node", "gpu_memory_gib", "sbatch_args")
 TASK_KEYS = ("train_rows",)  # besides training flags (lengths, ...)
@@ -73,6 +74,7 @@ class Protocol:
     sources: tuple[str, ...]
     benchmarks: dict[str, tuple[str, ...]]
     stage1: Stage
+    target_stage1: Stage | None  # the targets' own stage 1 (k-shot budgets); default: stage1
     mpt_source: Stage | None
     methods: dict[str, Stage]
     published: dict[str, dict[str, dict[str, float]]]
@@ -149,6 +151,8 @@ def _parse(raw: dict[str, Any], path: Path, flags: dict[str, Any]) -> Protocol:
         flags=dict(raw.get("flags") or {}), tasks=tasks,
         sources=tuple(str(s) for s in raw.get("sources", ())), benchmarks=benchmarks,
         stage1=_stage(raw.get("stage1"), "stage1", probs),
+        target_stage1=None if raw.get("target_stage1") is None else
+        _stage(raw["target_stage1"], "target_stage1", probs),
         mpt_source=None if mpt is None else _stage(mpt, "mpt_source", probs),
         methods=methods, published=dict(raw.get("published") or {}),
         test=bool(raw.get("test", True)), description=str(raw.get("description", "")),
@@ -208,11 +212,18 @@ def _check(p: Protocol) -> list[str]:
     needs_mpt = any(st.flags.get("method") == "mpt_target" for st in p.methods.values())
     if needs_mpt and p.mpt_source is None:
         probs.append("methods: mpt_target needs an mpt_source: section (the source training)")
-    for where, st in [("stage1", p.stage1), ("mpt_source", p.mpt_source),
-                      *((f"methods.{m}", s) for m, s in p.methods.items())]:
+    # which tasks each stage's epochs are counted over
+    target_s1 = p.target_stage1 or p.stage1
+    uses = [("stage1", p.stage1, p.sources), ("mpt_source", p.mpt_source, p.sources),
+            ("target_stage1" if p.target_stage1 else "stage1", target_s1, p.targets),
+            *((f"methods.{m}", s, p.targets) for m, s in p.methods.items())]
+    for where, st, tasks in uses:
         if st is not None and st.epochs > 0:
-            missing = [t for t in (*p.sources, *p.targets) if p.train_rows(t) < 1]
+            missing = [t for t in tasks if p.train_rows(t) < 1]
             if missing:
                 probs.append(f"{where}.epochs needs tasks.<task>.train_rows for {missing} "
                              "(or give max_steps instead)")
+            if any(k > 0 for k in p.k_shot) and tasks is p.targets:
+                probs.append(f"{where}.epochs: k-shot targets have k examples, not "
+                             "train_rows; give max_steps (and target_stage1 for their stage 1)")
     return probs
