@@ -137,8 +137,22 @@ def quantizable_linears(config: Any, model: Any = None) -> dict[str, int]:
             and not keep & set(name.split("."))}
 
 
+_ACTS: dict[tuple[Any, ...], dict[str, int]] = {}
+
+
 def activation_bytes(config: Any, batch: int, encoder_len: int, decoder_len: int,
                      bf16: bool, checkpointing: bool) -> dict[str, int]:
+    """`_activation_bytes`, remembered per (config, batch, lengths, dtype, checkpointing): a
+    protocol plans dozens of jobs with the same few shapes, and each count takes a second."""
+    key = (config.to_json_string(), batch, encoder_len, decoder_len, bf16, checkpointing)
+    if key not in _ACTS:
+        _ACTS[key] = _activation_bytes(config, batch, encoder_len, decoder_len, bf16,
+                                       checkpointing)
+    return dict(_ACTS[key])
+
+
+def _activation_bytes(config: Any, batch: int, encoder_len: int, decoder_len: int,
+                      bf16: bool, checkpointing: bool) -> dict[str, int]:
     """Bytes autograd keeps for backward in one training forward, counted, not estimated.
 
     The real model of `config` runs forward on the meta device (shapes and dtypes only, no

@@ -21,6 +21,7 @@ CANDIDATES = ("zero2", "zero3", "zero3_offload")  # whole backbone first: no per
 HEADROOM = 0.85  # the planner leaves out allocator fragmentation, the CUDA context, buffers
 GIB = 2**30
 _PEAKS: dict[tuple[Any, ...], float] = {}
+_SHAPES: dict[str, list[tuple[str, int]]] = {}
 
 
 def micro_batches(per_rank: int) -> list[int]:
@@ -34,12 +35,14 @@ def micro_batches(per_rank: int) -> list[int]:
 def choose(p: Protocol, job: Job) -> dict[str, Any]:
     """{'deepspeed', 'per_device_train_batch_size', 'peak_train_gib', 'gpu_memory_gib',
     'planner'} for `job`; raises ValueError when nothing fits (naming what to change)."""
-    from dtvg_ds.plan import PlanError, load_config, plan
+    from dtvg_ds.plan import PlanError, load_config, meta_model, param_shapes, plan
 
     try:
         config, _ = load_config(p.model_name_or_path)
     except PlanError as e:
         raise ValueError(str(e)) from None
+    if p.model_name_or_path not in _SHAPES:  # building the meta model costs seconds at XL
+        _SHAPES[p.model_name_or_path] = param_shapes(config, meta_model(config))
     f = job.flags
     per_rank = max(job.global_batch // job.ranks, 1)
     configs = CANDIDATES if p.deepspeed == AUTO else (p.deepspeed,)
@@ -47,28 +50,35 @@ def choose(p: Protocol, job: Job) -> dict[str, Any]:
               else [int(p.per_device_train_batch_size)])
     budget = p.resources.gpu_memory_gib * GIB * HEADROOM
     method = "dtvg" if job.method == "dtvg" else "pt"  # the planner models these two prompts
+    n_src = len(f.get("source_tpvs", ())) or 1
+    lens = (int(f.get("num_virtual_tokens", 100)), bool(f.get("bf16", False)),
+            int(f.get("max_source_length", 256)), int(f.get("max_target_length", 16)),
+            bool(f.get("gradient_checkpointing")))
+
+    def peak(name: str, micro: int) -> float:
+        key = (p.model_name_or_path, name, job.ranks, micro, method, n_src, *lens)
+        if key not in _PEAKS:  # jobs of a protocol share most keys
+            try:
+                _PEAKS[key] = plan(config, job.ranks, read_ds_config(name), lens[0], lens[1],
+                                   method, n_src, shapes=_SHAPES[p.model_name_or_path],
+                                   batch=micro, source_len=lens[2], target_len=lens[3],
+                                   gradient_checkpointing=lens[4],
+                                   )["transient"]["peak_train_bytes_per_rank"]
+            except PlanError:
+                _PEAKS[key] = math.inf
+        return _PEAKS[key]
+
     for name in configs:
-        for micro in micros:
-            key = (p.model_name_or_path, name, job.ranks, micro, method,
-                   len(f.get("source_tpvs", ())) or 1, int(f.get("num_virtual_tokens", 100)),
-                   bool(f.get("bf16", False)), int(f.get("max_source_length", 256)),
-                   int(f.get("max_target_length", 16)), bool(f.get("gradient_checkpointing")))
-            if key not in _PEAKS:  # jobs of a protocol share most keys; a plan costs seconds
-                try:
-                    _PEAKS[key] = plan(config, job.ranks, read_ds_config(name), key[6], key[7],
-                                       method, key[5], batch=micro, source_len=key[8],
-                                       target_len=key[9], gradient_checkpointing=key[10],
-                                       )["transient"]["peak_train_bytes_per_rank"]
-                except PlanError:
-                    _PEAKS[key] = math.inf
-            peak = _PEAKS[key]
-            if peak <= budget:
-                return {"deepspeed": name, "per_device_train_batch_size": micro,
-                        "peak_train_gib": round(peak / GIB, 2),
-                        "gpu_memory_gib": p.resources.gpu_memory_gib,
-                        "planner": f"python -m dtvg_ds.plan --model_name_or_path "
-                                   f"{p.model_name_or_path} --world_size {job.ranks} "
-                                   f"--deepspeed {name} --per_device_train_batch_size {micro}"}
+        if peak(name, micros[-1]) > budget:  # not even the smallest micro batch fits
+            continue
+        micro = next(m for m in micros if peak(name, m) <= budget)
+        return {"deepspeed": name, "per_device_train_batch_size": micro,
+                "peak_train_gib": round(peak(name, micro) / GIB, 2),
+                "gpu_memory_gib": p.resources.gpu_memory_gib,
+                "planner": f"python -m dtvg_ds.plan --model_name_or_path "
+                           f"{p.model_name_or_path} --world_size {job.ranks} --deepspeed {name} "
+                           f"--per_device_train_batch_size {micro} --max_source_length {lens[2]} "
+                           f"--max_target_length {lens[3]}" + " --bf16" * lens[1]}
     raise ValueError(f"no ZeRO config of {list(configs)} with a micro batch of "
                      f"{micros[-1]}..{micros[0]} fits {p.resources.gpu_memory_gib} GiB per GPU "
                      f"(x{HEADROOM} headroom); add GPUs (resources.gpus_per_node/nodes), set "
