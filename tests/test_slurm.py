@@ -240,3 +240,66 @@ def test_two_nodes_two_ranks_requeued_job_resumes(cluster, tiny_model, tmp_path)
     assert '"world_size": 4' in (out / "run_config.json").read_text()
     logged = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert logged[-1] == steps and set(logged) == set(range(1, steps + 1))
+
+
+def _scontrol(cluster, job_id: str) -> dict[str, str]:
+    return dict(re.findall(r"(\w+)=(\S*)", cluster.cmd("scontrol", "show", "job", "-o", job_id)))
+
+
+def test_protocol_slurm_executor(cluster, tiny_model, tmp_path):
+    """`protocol run --executor slurm` on the 2-node cluster: every job submitted at once with
+    afterok dependencies; one source fails, SLURM cancels the job that needs it, the others
+    finish; the re-run (at most 1 in flight) resubmits only what is missing."""
+    from dtvg_ds.protocol import graph, state
+
+    out = tmp_path / "proto"
+    env = cluster.env()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dtvg_ds.protocol", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=900)
+
+    p = cli("plan", "demo", "--out", str(out), "--model_name_or_path", str(tiny_model),
+            "--seeds", "1", "--gpus_per_node", "1", "--set", "max_steps=4", "eval_steps=2",
+            "save_steps=4", "max_eval_samples=16", "max_test_samples=16",
+            "num_virtual_tokens=8", "max_train_samples=64", "warmup_steps=1")
+    assert p.returncode == 0, p.stderr
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "stage1-senti_b").write_text("mine")  # its output dir is a file: it fails
+    run = ["run", str(out), "--executor", "slurm", "--only", "dtvg-senti_c-*", "--wait",
+           "--poll", "2", "--sbatch_arg=--time=00:10:00"]
+    p = cli(*run)
+    assert p.returncode == 1, p.stdout + p.stderr
+    _, jobs = graph.read(out)
+    by_id = {j.id: j for j in jobs}
+    rec = {j: state.read_record(out, by_id[j]) for j in ("stage1-senti_a", "stage1-senti_b",
+                                                          "stage1-has_color",
+                                                          "pt-senti_c-full-s1",
+                                                          "dtvg-senti_c-full-s1")}
+    dtvg = rec.pop("dtvg-senti_c-full-s1")
+    assert sorted(dtvg["after"]) == sorted(r["slurm_job_id"] for r in rec.values())
+    v = state.judge(out, jobs, {})
+    assert v["stage1-senti_a"].state == v["pt-senti_c-full-s1"].state == state.DONE
+    assert v["stage1-senti_b"].state == state.FAILED
+    assert "stage1-senti_b" in v["stage1-senti_b"].detail  # the log line of the failure
+    assert v["dtvg-senti_c-full-s1"].state == state.FAILED
+    assert "never started" in v["dtvg-senti_c-full-s1"].detail
+    assert _scontrol(cluster, dtvg["slurm_job_id"])["JobState"] == "CANCELLED"
+    assert "failed: stage1-senti_b" in p.stdout
+
+    # fixed; the same command with at most one job in flight continues where it stopped
+    (out / "runs" / "stage1-senti_b").unlink()
+    p = cli(*run[:-3], "--max_in_flight", "1", *run[-3:])
+    assert p.returncode == 0, p.stdout + p.stderr
+    again = {j: state.read_record(out, by_id[j]) for j in
+             ("stage1-senti_a", "stage1-senti_b", "pt-senti_c-full-s1", "dtvg-senti_c-full-s1")}
+    assert again["stage1-senti_a"]["slurm_job_id"] == rec["stage1-senti_a"]["slurm_job_id"]
+    assert again["pt-senti_c-full-s1"] == rec["pt-senti_c-full-s1"]  # done: not resubmitted
+    src, dt = again["stage1-senti_b"]["slurm_job_id"], again["dtvg-senti_c-full-s1"]
+    assert src != rec["stage1-senti_b"]["slurm_job_id"]
+    # one in flight: DTVG was submitted only once its input had finished, and ran after it
+    assert dt["after"] == []
+    assert _scontrol(cluster, dt["slurm_job_id"])["StartTime"] >= \
+        _scontrol(cluster, src)["EndTime"]
+    v = state.judge(out, jobs, {})
+    assert all(v[j].state == state.DONE for j in again), v

@@ -161,8 +161,11 @@ def _judge_one(out: Path, job: Job, done_so_far: dict[str, Verdict],
             return Verdict(QUEUED, f"SLURM job {rec['slurm_job_id']} pending; {v.detail}")
         if q is not None:
             return Verdict(RUNNING, f"SLURM job {rec['slurm_job_id']} {q.lower()}; {v.detail}")
+        log = log_path(out, job)
+        why = error_line(log) if log.exists() else \
+            "it never started (SLURM cancels a job whose afterok dependency failed)"
         return Verdict(FAILED, f"SLURM job {rec['slurm_job_id']} ended without a verified "
-                       f"artifact ({v.detail}): {error_line(log_path(out, job))}")
+                       f"artifact ({v.detail}): {why}")
     if rec.get("pid") and rec.get("exit_code") is None and pid_alive(int(rec["pid"])):
         return Verdict(RUNNING, f"pid {rec['pid']}; {v.detail}")
     if rec.get("exit_code") not in (None, 0) or rec.get("pid"):
