@@ -70,6 +70,10 @@ def test_the_package_comes_from_the_wheel_with_its_configs(fresh, tmp_path):
     p = _run([str(fresh), "-m", "dtvg_ds.train", "--help"], tmp_path)
     assert p.returncode == 0 and "usage: dtvg_ds.train" in p.stdout
     assert "3 = stopped by SIGTERM/SIGUSR1" in " ".join(p.stdout.split())  # exit codes in --help
+    # the shipped protocol files are package data too
+    p = _run([str(fresh), "-m", "dtvg_ds.protocol", "plan", "dtvg_t5_base", "--out",
+              str(tmp_path / "proto")], tmp_path)
+    assert p.returncode == 0 and "dtvg_t5_base: 319 jobs" in p.stdout, p.stderr
 
 
 def test_deepspeed_module_launch_from_the_wheel(fresh, tiny_model, tmp_path):

@@ -151,6 +151,9 @@ def run_slurm(out: Path, jobs: list[Job], max_in_flight: int = 0, extra: list[st
     """Submit every job that can go, with afterok dependencies on its submitted inputs; with
     `max_in_flight` keep at most that many queued or running (and stay until all are
     submitted); with `wait` stay until nothing is queued or running."""
+    if not SLURM_DIR.is_dir():
+        raise ProtocolError([f"the SLURM executor submits the sbatch scripts of a dtvg_ds "
+                             f"checkout ({SLURM_DIR} is missing): run it from a clone"])
     with exclusive(out):
         tried: set[str] = set()  # submitted by this call: a failure is reported, not retried
         while True:
