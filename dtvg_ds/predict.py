@@ -235,7 +235,7 @@ def _run_sharded(args: argparse.Namespace, art: PromptArtifact, items: list[Item
                                   args.deepspeed, args.bf16, args.cache_dir)
     recs = [{"source": it.source, "target": ""} for it in items]
     enc = batches.encode(recs, dec.tokenizer, args.max_source_length, 1)
-    preds, _ = generate_all(dec.engine, dec.model, enc, dec.tokenizer, args.batch_size,
+    preds, _, _ = generate_all(dec.engine, dec.model, enc, dec.tokenizer, args.batch_size,
                             args.max_new_tokens, dec.zero_stage, args.eval_gather_backbone,
                             progress=not args.quiet)
     if dist.is_main():
