@@ -417,6 +417,10 @@ def write_adapter(run: Run, out: Path) -> None:
         info(f"no adapter/ for an MPT source run; per task: python -m dtvg_ds.export to-peft {out} "
              "DIR --mpt_task TASK")
         return
+    if run.method.instance_level:
+        info(f"no adapter/ for a {run.method.name} run: its prompt depends on each input, which a "
+             "PEFT prompt-tuning adapter cannot express")
+        return
     try:
         adapter = export_peft(out, out / "adapter", model_name_or_path=run.model_path,
                               overwrite=True)
@@ -499,7 +503,7 @@ def _evaluate(run: Run, logger: RunLogger, step: int) -> dict[str, Any]:
     """Score this step's prompt on the validation set (all ranks) and log it."""
     with run.mem.phase("evaluation", step=step):
         res = evaluate(run.engine, run.model, run.valid, run.task, run.tokenizer, run.cfg,
-                       run.zero_stage, run.valid_tasks)
+                       run.zero_stage, run.valid_tasks, step)
     logger.log({"step": step, **{k if k.startswith("eval") else f"eval_{k}": v
                                  for k, v in res.items()}})
     return res

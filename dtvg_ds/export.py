@@ -82,9 +82,14 @@ def artifact_prompt(art: PromptArtifact, mpt_task: str | None = None) -> torch.T
 
     `prompt` for every method except `mpt_source`, whose `prompt` is the shared P*: there the
     student prompt of task `mpt_task`, P* (.) (u_k v_k^T), computed as the training forward does.
+    ATTEMPT artifacts are refused: their prompt depends on each input.
     """
     from dtvg_ds import prompt_math
 
+    if art.meta.get("method") == "attempt":
+        raise ExportError(f"{art.path}: an ATTEMPT artifact's prompt is built per input by its "
+                          "attention module, not one static prompt; it cannot be served or "
+                          "exported as one (its dev scores are in metrics.jsonl)")
     if art.meta.get("method") != "mpt_source":
         if mpt_task is not None:
             raise ExportError(f"--mpt_task applies to MPT source artifacts only; {art.path} is "
