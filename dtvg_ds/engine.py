@@ -418,8 +418,8 @@ def write_adapter(run: Run, out: Path) -> None:
              "DIR --mpt_task TASK")
         return
     if run.method.instance_level:
-        info(f"no adapter/ for a {run.method.name} run: its prompt depends on each input, which a "
-             "PEFT prompt-tuning adapter cannot express")
+        info(f"no adapter/ for this {run.method.name} run: its prompt depends on each input, "
+             "which a PEFT prompt-tuning adapter cannot express")
         return
     try:
         adapter = export_peft(out, out / "adapter", model_name_or_path=run.model_path,
