@@ -504,7 +504,7 @@ def draw_attention(dist_ax: Any, mean_ax: Any, run: RunLogs) -> None:
     dist_ax.set_ylabel("attention weight")
     dist_ax.set_title(f"per-example attention, step {evals[-1].get('step')} "
                       f"({len(last)} examples)", loc="left")
-    dist_ax.legend(loc="upper right", fontsize=8)
+    dist_ax.legend(loc="best", fontsize=8)
     steps = [e.get("step") or 0 for e in evals]
     for n in names:
         means = [_mean([r["attention"][n] for r in e["examples"] if "attention" in r])
