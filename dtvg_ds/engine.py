@@ -44,7 +44,6 @@ from dtvg_ds.methods import build_method, load_inputs
 from dtvg_ds.methods import validate as validate_method
 from dtvg_ds.methods.base import PromptMethod
 from dtvg_ds.model import (
-    FixedPrompt,
     PromptedSeq2Seq,
     count_parameters,
     init_prompt,
@@ -610,10 +609,14 @@ def _test(run: Run, best: Best, logger: RunLogger, step: int) -> dict[str, float
     """--do_test: the exported (dev-selected) prompt on the test split, decoded by the same
     sharded backbone; written like `python -m dtvg_ds.evaluation` writes it (all ranks)."""
     from dtvg_ds.evaluation import score_split
+    from dtvg_ds.export import artifact_prompter
 
     enc, recs, ex_tasks = run.test
     cfg = run.cfg
-    fixed = PromptedSeq2Seq(FixedPrompt(best.tensors["prompt"]), run.model.backbone)
+    # What is on disk is what gets scored: the artifact just exported, through the prompter
+    # evaluation and predict use (a static prompt, or ATTEMPT's per-input module).
+    prompter = artifact_prompter(artifacts.load_artifact(cfg.output_dir)).to(dist.device())
+    fixed = PromptedSeq2Seq(prompter, run.model.backbone)
     result, path = score_split(run.engine, fixed, enc, recs, ex_tasks, run.task, run.tokenizer,
                                cfg, run.zero_stage, Path(cfg.output_dir) / "eval", "test",
                                {"best_step": best.step})

@@ -275,7 +275,7 @@ def score_artifact(args: Any) -> dict[str, Any]:
     from dtvg_ds import artifacts, inference
     from dtvg_ds.data.mixtures import MIX_SEPARATOR, is_mixture
     from dtvg_ds.data.zoo import get_task
-    from dtvg_ds.export import artifact_prompt
+    from dtvg_ds.export import artifact_prompter
     from dtvg_ds.logs import configure_logging
 
     art = artifacts.load_artifact(args.artifact, args.allow_in_progress_artifacts)
@@ -283,11 +283,11 @@ def score_artifact(args: Any) -> dict[str, Any]:
     name = args.task or str(art.meta["task"])
     task = (MixtureTask(name.split(MIX_SEPARATOR), cfg.data_dir) if is_mixture(name)
             else get_task(name, cfg.data_dir, cfg.metric))
-    prompt = artifact_prompt(art, args.mpt_task)
+    prompter = artifact_prompter(art, args.mpt_task)
     recs = task.load(args.split, cfg.data_dir, args.max_eval_samples, cfg.data_seed)
     inference.start_process_group()
     configure_logging("info", False)  # now that ranks are known: rank 0 logs
-    dec = inference.build_decoder(art, prompt, args.model_name_or_path or str(art.meta["backbone"]),
+    dec = inference.build_decoder(art, prompter, args.model_name_or_path or str(art.meta["backbone"]),
                                   cfg.deepspeed, cfg.bf16, cfg.cache_dir)
     enc = batches.encode(recs, dec.tokenizer, cfg.max_source_length, cfg.max_target_length)
     ex_tasks = [r.get("task", task.name) for r in recs]

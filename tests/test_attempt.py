@@ -4,6 +4,7 @@ under ZeRO-3 equal 1 rank, with the artifact and the per-example attention logs.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -205,6 +206,48 @@ def test_multi_task_targets_by_task_id(tiny_model, tpvs):
     assert method.targets.grad[0].abs().sum() > 0 and method.targets.grad[1].abs().sum() > 0
 
 
+def test_artifact_round_trip_rebuilds_the_same_prompts(tiny_model, tpvs, tmp_path):
+    from dtvg_ds.artifacts import save_artifact
+    from dtvg_ds.export import ExportError, artifact_prompt, artifact_prompter
+
+    method, model, tok, enc = _module(tiny_model, tpvs, task="senti_a+has_color")
+    with torch.no_grad():  # a trained state: everything away from its init
+        method.targets.add_(0.1 * torch.randn_like(method.targets))
+        method.w_down.mul_(50.0)
+        method.w_up.mul_(-20.0)
+    src = load_artifact(tpvs[0]["src_a"])
+    save_artifact(tmp_path / "a", method.export_prompt(), method.p_init,
+                  {**src.meta, "task": "senti_a+has_color", "method": "attempt",
+                   "extra": method.artifact_meta()}, method.extra_tensors())
+    art = load_artifact(tmp_path / "a")
+    rebuilt = artifact_prompter(art)
+    assert not any(p.requires_grad for p in rebuilt.parameters())
+    ex_tasks = ["senti_a", "has_color", "has_color"]
+    b = _batch(enc, tok, [0, 1, 2])
+    extra = method.batch_extras([0, 1, 2], ex_tasks)
+    want, _ = model.prompt_for(b["input_ids"], b["attention_mask"], **extra)
+    from dtvg_ds.model import PromptedSeq2Seq
+
+    got, _ = PromptedSeq2Seq(rebuilt, model.backbone).prompt_for(
+        b["input_ids"], b["attention_mask"], **rebuilt.batch_extras([0, 1, 2], ex_tasks))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ExportError, match="cannot be exported as one static prompt"):
+        artifact_prompt(art)
+    from dtvg_ds.artifacts import ArtifactError
+
+    with pytest.raises(ArtifactError, match="'senti_b' has no target prompt"):
+        rebuilt.batch_extras([0], ["senti_b"])
+
+
+def test_plan_counts_attempt_parameters():
+    from dtvg_ds.plan import prompt_tensors
+
+    groups, frozen = prompt_tensors("attempt", 100, 768, 6)  # t5-base, r = 100, 6 sources
+    assert sum(sum(g) for g in groups) == 230_400  # the paper's "232K" trainable parameters
+    assert max(max(g) for g in groups) == 76_800  # what ZeRO-3's persistence threshold must hold
+    assert frozen == 100 * 768 + 6 * (100 * 768 + 768)
+
+
 def test_bad_flags_one_line_each(tpvs):
     paths, _ = tpvs
     base = ["--method", "attempt", "--task", "senti_a", "--output_dir", "o"]
@@ -218,7 +261,6 @@ def test_bad_flags_one_line_each(tpvs):
          "--attempt_temperature must be > 0"),
         (["--source_tpvs", str(paths["src_a"]), "--attempt_attn_learning_rate", "-0.1"],
          "--attempt_attn_learning_rate must be >= 0"),
-        (["--source_tpvs", str(paths["src_a"]), "--do_test"], "--do_test: ATTEMPT"),
     ]
     for extra, needle in cases:
         with pytest.raises(ConfigError) as e:
@@ -241,8 +283,10 @@ def _attempt_args(model, out, paths, per_device, **kw):
 @pytest.fixture(scope="module")
 def runs(tiny_model, tpvs, tmp_path_factory):
     root = tmp_path_factory.mktemp("attempt_runs")
-    for n in (1, 2):
-        launch(TRAIN, _attempt_args(tiny_model, root / f"r{n}", tpvs[0], 8 // n), nproc=n)
+    for n in (1, 2):  # the 2-rank run also scores the test split with the exported artifact
+        test = {"do_test": "true", "max_test_samples": 10} if n == 2 else {}
+        launch(TRAIN, _attempt_args(tiny_model, root / f"r{n}", tpvs[0], 8 // n, **test),
+               nproc=n)
     return root / "r1", root / "r2"
 
 
@@ -298,11 +342,26 @@ def test_cli_run_writes_artifact_and_attention_logs(runs, tpvs, tmp_path):
 
     written = write_report(out, tmp_path / "report")
     assert tmp_path / "report" / "attempt_attention.png" in written
-    # the static-prompt tools refuse it in one line instead of serving a wrong prompt
-    for mod in ("dtvg_ds.evaluation", "dtvg_ds.export"):
-        args = (["--artifact", str(out)] if mod == "dtvg_ds.evaluation"
-                else ["to-peft", str(out), str(tmp_path / "peft")])
-        p = subprocess.run([sys.executable, "-m", mod, *args], cwd=ROOT, env=ds_env(),
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
-        assert p.stderr.count("error: ") == 1 and "ATTEMPT artifact" in p.stderr
+    # --do_test scored the exported artifact with its per-input prompts
+    test_rows = read_jsonl(out / "eval" / "senti_a-test.predictions.jsonl")
+    assert len(test_rows) == 10 and all(list(r["attention"]) == [*SOURCES, "target"]
+                                        for r in test_rows)
+    # the evaluation CLI rebuilds the module from the artifact: on the same 12 validation
+    # examples it reproduces training's last evaluation, score and attention weights
+    p = _tool("dtvg_ds.evaluation", "--artifact", str(out), "--split", "validation",
+              "--max_eval_samples", "12", "--output_dir", str(tmp_path / "ev"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    scored = json.loads((tmp_path / "ev" / "senti_a-validation.json").read_text())
+    assert scored["score"] == m["eval_score"]
+    cli_rows = read_jsonl(tmp_path / "ev" / "senti_a-validation.predictions.jsonl")
+    for got, want in zip(cli_rows, rows, strict=True):
+        assert got["attention"] == pytest.approx(want["attention"], abs=1e-6)
+    # a PEFT adapter holds one static prompt: export refuses in one line
+    p = _tool("dtvg_ds.export", "to-peft", str(out), str(tmp_path / "peft"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.count("error: ") == 1 and "ATTEMPT artifact" in p.stderr
+
+
+def _tool(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=ds_env(),
+                          capture_output=True, text=True, timeout=300)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dtvg_ds import dist, prompt_math
+from dtvg_ds.artifacts import ArtifactError, PromptArtifact
 from dtvg_ds.config import TrainConfig
 from dtvg_ds.data.mixtures import MIX_SEPARATOR
 from dtvg_ds.data.zoo import resolve_name
@@ -91,6 +92,28 @@ class Attempt(PromptMethod):
         self._pad: torch.Tensor | None = None  # E[pad], read once through the module (ZeRO-3)
         self._last: torch.Tensor | None = None  # B x (n + 1) weights of the last forward
 
+    @classmethod
+    def from_artifact(cls, art: PromptArtifact) -> Attempt:
+        """The trained module rebuilt from an ATTEMPT artifact, frozen, for decoding (evaluation,
+        predict, --do_test): the same per-input prompts as at the artifact's best step."""
+        t, extra = art.tensors, art.meta.get("extra", {})
+        need = ("attempt_targets", "attn_w_down", "attn_w_up", "attempt_sources")
+        missing = [k for k in need if k not in t] + \
+            [k for k in ARTIFACT_KEYS if k not in extra]
+        if missing:
+            raise ArtifactError(f"{art.path}: an ATTEMPT artifact without {', '.join(missing)}; "
+                                "it was not written by --method attempt of this version")
+        cfg = AttemptSettings(extra["attempt_temperature"], extra["attempt_pool"],
+                              extra["attempt_target_init"], int(t["attn_w_down"].shape[0]),
+                              0.0, 0.0, 0.0, int(extra["attempt_max_source_length"]), 0)
+        m = cls(art.init, t["attempt_sources"], list(extra["sources"]), t["attempt_targets"][0],
+                list(extra["attempt_tasks"]), cfg)
+        with torch.no_grad():
+            for name in ("targets", "w_down", "w_up"):
+                key = {"targets": "attempt_targets"}.get(name, f"attn_{name}")
+                getattr(m, name).copy_(t[key])
+        return m.requires_grad_(False).eval()
+
     # -- the prompt of a batch ---------------------------------------------------------------
     def _pooled_input(self, inputs: PromptInputs) -> torch.Tensor:
         """x_hat [B, d]: the max over each example's real tokens; with the released pool, the
@@ -136,8 +159,11 @@ class Attempt(PromptMethod):
         """Multi-task: each example's target prompt (task id); one target: nothing."""
         if len(self.tasks) == 1 or not ex_tasks:
             return {}
-        return {"task_ids": torch.tensor([self.task_index[resolve_name(ex_tasks[i])]
-                                          for i in idx])}
+        unknown = sorted({ex_tasks[i] for i in idx} - set(self.task_index))
+        if unknown:
+            raise ArtifactError(f"task {unknown[0]!r} has no target prompt in this multi-task "
+                                f"ATTEMPT model (its tasks: {', '.join(self.tasks)})")
+        return {"task_ids": torch.tensor([self.task_index[ex_tasks[i]] for i in idx])}
 
     def example_log(self) -> list[dict[str, Any]] | None:
         """{candidate: weight} per example of the last batch (sources, then "target")."""
@@ -164,6 +190,11 @@ class Attempt(PromptMethod):
                 "attempt_attn_learning_rate": c.attn_learning_rate}
 
 
+# What `Attempt.from_artifact` reads of the artifact's `extra` (written by `artifact_meta`).
+ARTIFACT_KEYS = ("sources", "attempt_tasks", "attempt_temperature", "attempt_pool",
+                 "attempt_target_init", "attempt_max_source_length")
+
+
 def _check(cfg: TrainConfig) -> list[str]:
     probs = []
     if not cfg.source_tpvs:
@@ -173,9 +204,6 @@ def _check(cfg: TrainConfig) -> list[str]:
     if cfg.target_tpv and MIX_SEPARATOR in cfg.task:
         probs.append("--target_tpv: a multi-task ATTEMPT run (--task a+b) has one target per "
                      "task; start them with --attempt_target_init first_source or p_init")
-    if cfg.do_test:
-        probs.append("--do_test: ATTEMPT's prompt depends on each input and the test scorer "
-                     "prepends one static prompt; score on the validation split during training")
     return probs
 
 
