@@ -178,6 +178,17 @@ def explain(run_dir: Path) -> dict[str, Any]:
     return rec
 
 
+def attention_stats(run_dir: Path) -> dict[str, Any] | None:
+    """ATTEMPT's attention at its last evaluation (eval_examples.jsonl): per candidate the mean
+    weight over the validation examples and its spread (population std) across them."""
+    evals = [e for e in read_jsonl(run_dir / "eval_examples.jsonl") if e.get("examples")]
+    if not evals:
+        return None
+    rows = [r["attention"] for r in evals[-1]["examples"]]
+    return {n: {"mean": statistics.fmean(r[n] for r in rows),
+                "std": statistics.pstdev(r[n] for r in rows)} for n in rows[0]}
+
+
 def summarize(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     cells: dict[str, Any] = {}
     for t in a.targets:
@@ -199,6 +210,8 @@ def summarize(a: argparse.Namespace, out: Path) -> dict[str, Any]:
                         rec[m]["explain"] = explain(cell / m)
                     if m == "spot":
                         rec[m]["choice"] = c["extra"].get("spot_source")
+                    if m == "attempt":
+                        rec[m]["attention"] = attention_stats(cell / m)
                 cells[f"{t}|{k}|{s}"] = rec
     srcs = {n: collect(out / "sources" / n) for n in SOURCES}
     return {"settings": {"targets": a.targets, "ks": a.ks, "seeds": a.seeds,
@@ -334,6 +347,26 @@ def membership_table(summary: dict[str, Any], t: str) -> list[str]:
     return lines
 
 
+def attention_table(summary: dict[str, Any], t: str) -> list[str]:
+    """ATTEMPT: mean attention weight per candidate at the last evaluation (mean over seeds),
+    and the largest per-candidate spread across validation examples (how input-dependent)."""
+    ks, seeds = summary["settings"]["ks"], summary["settings"]["seeds"]
+    names = [*SOURCES, "target"]
+    lines = ["| k | " + " | ".join(f"{n} ({RELATION[t][n].split(' (')[0]})" if n in RELATION[t]
+                                     else n for n in names) + " | max std across examples |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for k in ks:
+        att = [summary["cells"].get(f"{t}|{k}|{s}", {}).get("attempt", {}).get("attention")
+               for s in seeds]
+        att = [x for x in att if x]
+        if not att:
+            continue
+        means = [_f(statistics.fmean(x[n]["mean"] for x in att), 3) for n in names]
+        spread = max(x[n]["std"] for x in att for n in names)
+        lines.append(f"| {k} | " + " | ".join(means) + f" | {spread:.1e} |")
+    return lines
+
+
 def plot(summary: dict[str, Any]) -> bool:
     try:
         import matplotlib
@@ -399,6 +432,10 @@ def report(summary: dict[str, Any], command: str, plotted: bool) -> str:
                   "Paired differences (same seed = same k examples and data order), DTVG minus "
                   "method, best accuracy; in brackets how many seeds DTVG won:", "",
                   *paired_table(summary, t), "",
+                  "ATTEMPT's attention at its last evaluation (`eval_examples.jsonl`; mean "
+                  "weight over the 400 validation examples, mean over seeds). Its target prompt "
+                  f"starts from the first source, {SOURCES[0]} (the released default):", "",
+                  *attention_table(summary, t), "",
                   "Which sources DTVG grouped (fraction of steps, mean over seeds):", "",
                   *membership_table(summary, t), "",
                   "What the logs say (DTVG, released rule; `groups.jsonl` and the step-0 "
