@@ -356,6 +356,15 @@ def test_cli_run_writes_artifact_and_attention_logs(runs, tpvs, tmp_path):
     cli_rows = read_jsonl(tmp_path / "ev" / "senti_a-validation.predictions.jsonl")
     for got, want in zip(cli_rows, rows, strict=True):
         assert got["attention"] == pytest.approx(want["attention"], abs=1e-6)
+    # predict (one process, inputs sorted by length into its own batches) gives the same
+    # predictions: the instance prompts do not depend on batching
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"source": r["source"]}) + "\n" for r in cli_rows))
+    p = _tool("dtvg_ds.predict", "--artifact", str(out), "--input", str(inp), "--output",
+              str(tmp_path / "pred.jsonl"), "--batch_size", "5", "--quiet")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [r["prediction"] for r in read_jsonl(tmp_path / "pred.jsonl")] == \
+        [r["prediction"] for r in cli_rows]
     # a PEFT adapter holds one static prompt: export refuses in one line
     p = _tool("dtvg_ds.export", "to-peft", str(out), str(tmp_path / "peft"))
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
