@@ -1,4 +1,4 @@
-"""Few-shot transfer on the demo world: PT, SPoT, MPT, DTVG, its ablations and extensions.
+"""Few-shot transfer on the demo world: PT, SPoT, MPT, ATTEMPT, DTVG, its ablations and extensions.
 
 The regime the DTVG and MPT papers make their claims in: the target has k labelled examples
 (k-shot, label-balanced, `--k_shot`), the sources are data-rich. Every run is a real
@@ -12,8 +12,11 @@ ranks (tests/test_train_dist.py, test_dtvg_dist.py check 2-rank runs against 1-r
 Per (target, k, seed) cell; the seed picks the k examples (`--data_seed`) and the data order
 (`--seed`), so the spread is over few-shot samples as well as training order:
 - stage 1 of the target: PT from P_init on the k examples, `--target_stage1_steps` steps;
-- PT, SPoT, MPT (target adaptation): plain tuning on the target from their start, the whole
-  target budget (stage-1 steps + stage-2 steps) at the stage-1 learning rate 0.3;
+- PT, SPoT, MPT, ATTEMPT (target adaptation): tuning on the target from their start, the whole
+  target budget (stage-1 steps + stage-2 steps) at the stage-1 learning rate 0.3; ATTEMPT
+  attends over the 5 source prompts with its released defaults (target from the first source,
+  attention lr = prompt lr, released pooling) and T = d*e (`--attempt_temperature 0`: the
+  released 2087 is 768*e, T5-base's width; the demo backbone is narrower);
 - DTVG and the four ablations (no_kc, target_only, all_sources, fixed_group): from the target's
   stage-1 prompt, `--stage2_steps` steps with the published coupling (the released scripts:
   prompt lr = a_t lr = lr_1, a_s lr = lr_2; here lr_1 = 0.1, the demo's stage-2 prompt rate, and
@@ -56,8 +59,8 @@ from dtvg_ds.demo import SOURCES  # noqa: E402
 TARGETS = ("senti_c", "senti_c_flip", "has_color_or_number")
 STAGE1_LR = 0.3
 LR_1 = 0.1
-MAIN = ("pt", "spot", "mpt", "dtvg", "no_kc", "target_only", "all_sources", "fixed_group")
-LABELS = {"pt": "PT", "spot": "SPoT", "mpt": "MPT", "dtvg": "DTVG",
+MAIN = ("pt", "spot", "mpt", "attempt", "dtvg", "no_kc", "target_only", "all_sources", "fixed_group")
+LABELS = {"pt": "PT", "spot": "SPoT", "mpt": "MPT", "attempt": "ATTEMPT", "dtvg": "DTVG",
           "no_kc": "DTVG w/o KC (S' = S+)", "target_only": "DTVG target only",
           "all_sources": "DTVG all sources", "fixed_group": "DTVG fixed group",
           "dtvg_lr2_lo": "DTVG lr_2 = lr_1/10", "dtvg_lr2_hi": "DTVG lr_2 = 10 lr_1",
@@ -105,8 +108,10 @@ def stage2_args(method: str, target: str, k: int, seed: int, a: argparse.Namespa
         return ["--method", "pt", "--learning_rate", str(STAGE1_LR),
                 *common(cell / "stage1", target, s1, k, seed)]
     src = [rel(p) for p in sources]
-    if method in ("pt", "spot", "mpt"):
+    if method in ("pt", "spot", "mpt", "attempt"):
         head = {"pt": ["--method", "pt"],
+                "attempt": ["--method", "attempt", "--source_tpvs", *src,
+                            "--attempt_temperature", "0"],
                 "spot": ["--method", "spot", "--target_tpv", rel(cell / "stage1"), "--source_tpvs",
                          *src],
                 "mpt": ["--method", "mpt_target", "--mpt_source", rel(mpt_src)]}[method]
@@ -173,6 +178,17 @@ def explain(run_dir: Path) -> dict[str, Any]:
     return rec
 
 
+def attention_stats(run_dir: Path) -> dict[str, Any] | None:
+    """ATTEMPT's attention at its last evaluation (eval_examples.jsonl): per candidate the mean
+    weight over the validation examples and its spread (population std) across them."""
+    evals = [e for e in read_jsonl(run_dir / "eval_examples.jsonl") if e.get("examples")]
+    if not evals:
+        return None
+    rows = [r["attention"] for r in evals[-1]["examples"]]
+    return {n: {"mean": statistics.fmean(r[n] for r in rows),
+                "std": statistics.pstdev(r[n] for r in rows)} for n in rows[0]}
+
+
 def summarize(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     cells: dict[str, Any] = {}
     for t in a.targets:
@@ -194,6 +210,8 @@ def summarize(a: argparse.Namespace, out: Path) -> dict[str, Any]:
                         rec[m]["explain"] = explain(cell / m)
                     if m == "spot":
                         rec[m]["choice"] = c["extra"].get("spot_source")
+                    if m == "attempt":
+                        rec[m]["attention"] = attention_stats(cell / m)
                 cells[f"{t}|{k}|{s}"] = rec
     srcs = {n: collect(out / "sources" / n) for n in SOURCES}
     return {"settings": {"targets": a.targets, "ks": a.ks, "seeds": a.seeds,
@@ -245,7 +263,7 @@ def paired_table(summary: dict[str, Any], t: str) -> list[str]:
     ks = summary["settings"]["ks"]
     lines = ["| DTVG minus | " + " | ".join(f"k = {k}" for k in ks) + " |",
              "|---|" + "---|" * len(ks)]
-    for m in ("pt", "spot", "mpt", "no_kc", "target_only", "all_sources", "fixed_group", *EXTRAS):
+    for m in ("pt", "spot", "mpt", "attempt", "no_kc", "target_only", "all_sources", "fixed_group", *EXTRAS):
         row = []
         for k in ks:
             d, o = _vals(summary, t, k, "dtvg"), _vals(summary, t, k, m)
@@ -329,6 +347,26 @@ def membership_table(summary: dict[str, Any], t: str) -> list[str]:
     return lines
 
 
+def attention_table(summary: dict[str, Any], t: str) -> list[str]:
+    """ATTEMPT: mean attention weight per candidate at the last evaluation (mean over seeds),
+    and the largest per-candidate spread across validation examples (how input-dependent)."""
+    ks, seeds = summary["settings"]["ks"], summary["settings"]["seeds"]
+    names = [*SOURCES, "target"]
+    lines = ["| k | " + " | ".join(f"{n} ({RELATION[t][n].split(' (')[0]})" if n in RELATION[t]
+                                     else n for n in names) + " | max std across examples |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for k in ks:
+        att = [summary["cells"].get(f"{t}|{k}|{s}", {}).get("attempt", {}).get("attention")
+               for s in seeds]
+        att = [x for x in att if x]
+        if not att:
+            continue
+        means = [_f(statistics.fmean(x[n]["mean"] for x in att), 3) for n in names]
+        spread = max(x[n]["std"] for x in att for n in names)
+        lines.append(f"| {k} | " + " | ".join(means) + f" | {spread:.1e} |")
+    return lines
+
+
 def plot(summary: dict[str, Any]) -> bool:
     try:
         import matplotlib
@@ -345,7 +383,7 @@ def plot(summary: dict[str, Any]) -> bool:
             pts = [(k, st) for k, st in pts if st["n"]]
             if not pts:
                 continue
-            style = "-" if m in ("pt", "spot", "mpt", "dtvg") else ":"
+            style = "-" if m in ("pt", "spot", "mpt", "attempt", "dtvg") else ":"
             ax.errorbar([k for k, _ in pts], [st["mean"] for _, st in pts],
                         yerr=[0 if st["std"] != st["std"] else st["std"] for _, st in pts],
                         label=LABELS[m], linestyle=style, marker="o", capsize=2,
@@ -377,7 +415,8 @@ def report(summary: dict[str, Any], command: str, plotted: bool) -> str:
              f"- Sources (full data, {a['source_stage1_steps']} steps PT each, best val acc): {src}. "
              "MPT's shared prompt is distilled from them once.",
              f"- Budgets: target stage 1 = {a['target_stage1_steps']} steps PT from P_init (lr "
-             f"{a['stage1_lr']}); PT, SPoT, MPT = {a['target_stage1_steps'] + a['stage2_steps']} "
+             f"{a['stage1_lr']}); PT, SPoT, MPT, ATTEMPT (T = d*e) = "
+             f"{a['target_stage1_steps'] + a['stage2_steps']} "
              f"steps from their start (lr {a['stage1_lr']}); DTVG family = the target's stage 1 + "
              f"{a['stage2_steps']} steps from its stage-1 prompt with the published coupling: prompt lr"
              f" = a_t lr = lr_1 = {a['lr_1']}, a_s lr = lr_2 = lr_1 (sweep rows: lr_1/10 and "
@@ -385,14 +424,18 @@ def report(summary: dict[str, Any], command: str, plotted: bool) -> str:
              "the same k examples per seed. 1 CPU rank per run, `ds_configs/zero2.json`, r = 20, "
              "micro batch 16.",
              f"- Plot: `bench/{PLOT.name}`" + ("" if plotted else " (not drawn: no matplotlib)")
-             + "; solid lines PT/SPoT/MPT/DTVG, dotted the ablations and extensions; bars = std "
-             "over seeds.", ""]
+             + "; solid lines PT/SPoT/MPT/ATTEMPT/DTVG, dotted the ablations and extensions; bars "
+             "= std over seeds.", ""]
     for t in a["targets"]:
         lines += [f"## Target `{t}`", "", "Validation accuracy (best), mean ± std over seeds:", "",
                   *accuracy_table(summary, t), "",
                   "Paired differences (same seed = same k examples and data order), DTVG minus "
                   "method, best accuracy; in brackets how many seeds DTVG won:", "",
                   *paired_table(summary, t), "",
+                  "ATTEMPT's attention at its last evaluation (`eval_examples.jsonl`; mean "
+                  "weight over the 400 validation examples, mean over seeds). Its target prompt "
+                  f"starts from the first source, {SOURCES[0]} (the released default):", "",
+                  *attention_table(summary, t), "",
                   "Which sources DTVG grouped (fraction of steps, mean over seeds):", "",
                   *membership_table(summary, t), "",
                   "What the logs say (DTVG, released rule; `groups.jsonl` and the step-0 "

@@ -49,7 +49,7 @@ class TrainConfig:
     """Every setting of a training run. Field name == CLI flag (`--<name>`) == YAML key."""
 
     # --- what to run ---
-    method: str = _f("pt", "training method: pt, spot, dtvg, mpt_source or mpt_target (the "
+    method: str = _f("pt", "training method: pt, spot, dtvg, mpt_source, mpt_target or attempt (the "
                      "registry: dtvg_ds.methods.REGISTRY)")
     task: str = _f("", "task name (see `python -m dtvg_ds.tasks`)")
     model_name_or_path: str = _f(DEMO_MODEL, "backbone: Hub id, local dir, or 'demo' (tiny local T5)")
@@ -181,6 +181,22 @@ class TrainConfig:
     mpt_hidden: str = _f("decoder", "mpt_source: hidden states for L_hidden: decoder|encoder")
     mpt_kappa: int = _f(0, "mpt_source: max tasks per batch (0 = all sources)")
     mpt_uv_init: str = _f("mean", "mpt_target: init u, v from the source factors' mean, or ones")
+
+    # --- ATTEMPT (sources: --source_tpvs; see docs/algorithms.md) ---
+    attempt_temperature: float = _f(
+        2087.0, "attempt: temperature T of the attention scores p.h/T (released configs: 2087, "
+                "about 768*e for T5-base); 0 = d*e of this backbone")
+    attempt_pool: str = _f(
+        "released", "attempt: max-pool of the input embeddings: released (the pad embedding joins "
+                    "the max of inputs shorter than --max_source_length, as the released code's "
+                    "padding to that length gives) or masked (real tokens only)")
+    attempt_target_init: str = _f(
+        "first_source", "attempt: start of the target prompt(s): first_source (released code: the "
+                        "first --source_tpvs prompt), p_init, or target_tpv (--target_tpv's prompt)")
+    attempt_attn_learning_rate: float = _f(
+        0.0, "attempt: learning rate of W_down/W_up; 0 = --learning_rate, which is what the released "
+             "code runs (its configured 0.1 never applies: docs/algorithms.md)")
+    attempt_hidden: int = _f(100, "attempt: width m of the attention bottleneck d->m->d (released: 100)")
 
     # --- derived at run time, not flags ---
     explicit: frozenset[str] = field(default=frozenset(), metadata={"cli": False})
@@ -373,6 +389,18 @@ def validate(cfg: TrainConfig) -> list[str]:
         probs.append("--mpt_uv_init: choose mean or ones")
     if cfg.mpt_temperature <= 0:
         probs.append("--mpt_temperature must be > 0")
+    if not (math.isfinite(cfg.attempt_temperature) and cfg.attempt_temperature >= 0):
+        probs.append(f"--attempt_temperature must be > 0, or 0 for d*e (got {cfg.attempt_temperature})")
+    if cfg.attempt_pool not in ("released", "masked"):
+        probs.append(f"--attempt_pool {cfg.attempt_pool!r}: choose released or masked")
+    if cfg.attempt_target_init not in ("first_source", "p_init", "target_tpv"):
+        probs.append(f"--attempt_target_init {cfg.attempt_target_init!r}: choose first_source, "
+                     "p_init or target_tpv")
+    if not (math.isfinite(cfg.attempt_attn_learning_rate) and cfg.attempt_attn_learning_rate >= 0):
+        probs.append("--attempt_attn_learning_rate must be >= 0 (0 = --learning_rate; got "
+                     f"{cfg.attempt_attn_learning_rate})")
+    if cfg.attempt_hidden < 1:
+        probs.append(f"--attempt_hidden must be >= 1 (got {cfg.attempt_hidden})")
     from dtvg_ds import quant  # late: quant imports torch; parsing flags should not
 
     probs += quant.validate_flags(cfg)

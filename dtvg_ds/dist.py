@@ -276,8 +276,10 @@ def backbone_resident(engine: Any, module: torch.nn.Module, enabled: bool) -> It
     detached, each rank generates locally with no collectives at all. Yields True if resident.
     """
     offload = _zero3_offload(engine)
-    params = list(module.parameters())
-    if not enabled or offload is None or not any(is_zero3_param(p) for p in params):
+    # ZeRO's own parameters only: a prompter built outside the engine (--do_test's saved
+    # prompt or ATTEMPT module) holds plain tensors, whole on every rank, with no hooks.
+    params = [p for p in module.parameters() if is_zero3_param(p)]
+    if not enabled or offload is None or not params:
         yield False
         return
     # The ZeRO module hooks would release (re-partition) parameters after each sub-module's

@@ -44,7 +44,6 @@ from dtvg_ds.methods import build_method, load_inputs
 from dtvg_ds.methods import validate as validate_method
 from dtvg_ds.methods.base import PromptMethod
 from dtvg_ds.model import (
-    FixedPrompt,
     PromptedSeq2Seq,
     count_parameters,
     init_prompt,
@@ -417,6 +416,10 @@ def write_adapter(run: Run, out: Path) -> None:
         info(f"no adapter/ for an MPT source run; per task: python -m dtvg_ds.export to-peft {out} "
              "DIR --mpt_task TASK")
         return
+    if run.method.instance_level:
+        info(f"no adapter/ for this {run.method.name} run: its prompt depends on each input, "
+             "which a PEFT prompt-tuning adapter cannot express")
+        return
     try:
         adapter = export_peft(out, out / "adapter", model_name_or_path=run.model_path,
                               overwrite=True)
@@ -499,7 +502,7 @@ def _evaluate(run: Run, logger: RunLogger, step: int) -> dict[str, Any]:
     """Score this step's prompt on the validation set (all ranks) and log it."""
     with run.mem.phase("evaluation", step=step):
         res = evaluate(run.engine, run.model, run.valid, run.task, run.tokenizer, run.cfg,
-                       run.zero_stage, run.valid_tasks)
+                       run.zero_stage, run.valid_tasks, step)
     logger.log({"step": step, **{k if k.startswith("eval") else f"eval_{k}": v
                                  for k, v in res.items()}})
     return res
@@ -606,10 +609,14 @@ def _test(run: Run, best: Best, logger: RunLogger, step: int) -> dict[str, float
     """--do_test: the exported (dev-selected) prompt on the test split, decoded by the same
     sharded backbone; written like `python -m dtvg_ds.evaluation` writes it (all ranks)."""
     from dtvg_ds.evaluation import score_split
+    from dtvg_ds.export import artifact_prompter
 
     enc, recs, ex_tasks = run.test
     cfg = run.cfg
-    fixed = PromptedSeq2Seq(FixedPrompt(best.tensors["prompt"]), run.model.backbone)
+    # What is on disk is what gets scored: the artifact just exported, through the prompter
+    # evaluation and predict use (a static prompt, or ATTEMPT's per-input module).
+    prompter = artifact_prompter(artifacts.load_artifact(cfg.output_dir)).to(dist.device())
+    fixed = PromptedSeq2Seq(prompter, run.model.backbone)
     result, path = score_split(run.engine, fixed, enc, recs, ex_tasks, run.task, run.tokenizer,
                                cfg, run.zero_stage, Path(cfg.output_dir) / "eval", "test",
                                {"best_step": best.step})

@@ -84,9 +84,10 @@ def score(task: Task | MixtureTask, idx: list[int], preds: list[str], enc: batch
 def generate_all(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, tokenizer: Any,
                  batch_size: int, max_new_tokens: int, zero_stage: int, gather_policy: str,
                  ex_tasks: list[str] | None = None, progress: bool = False,
-                 ) -> tuple[list[str], bool]:
+                 ) -> tuple[list[str], bool, list[dict[str, Any]] | None]:
     """(the decoded prediction of every example of `enc`, in order, on every rank; whether the
-    backbone was resident). Every rank decodes its shard (examples rank, rank + world, ...)."""
+    backbone was resident; the prompter's per-example records in the same order, e.g. ATTEMPT's
+    attention weights, or None). Every rank decodes its shard (examples rank, rank + world, ...)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -96,7 +97,7 @@ def generate_all(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, toke
     # Same number of generate() calls on every rank: under synced ZeRO-3 generation a rank that
     # stopped early would leave the others waiting in an all-gather forever.
     n_calls = math.ceil(math.ceil(len(enc) / world) / bs)
-    preds: list[tuple[int, str]] = []
+    preds: list[tuple[int, str, dict[str, Any] | None]] = []
     dev = dist.device()
     resident = zero_stage == 3 and resident_ok(gather_policy, model)
     with dist.backbone_resident(engine, model, resident) as res, \
@@ -112,21 +113,27 @@ def generate_all(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, toke
             out = model.generate(b["input_ids"].to(dev), b["attention_mask"].to(dev),
                                  max_new_tokens=max_new_tokens, synced_gpus=synced, **extra)
             text = tokenizer.batch_decode(out, skip_special_tokens=True)
-            preds += list(zip(idx[:real], text[:real], strict=True))
+            logs = model.prompter.example_log() or [None] * len(idx)
+            preds += list(zip(idx[:real], text[:real], logs[:real], strict=True))
             bar.update(real)
     everything = dist.gather_objects(preds)  # collective: every rank sends its predictions
-    merged = dict(p for part in everything for p in part)
+    merged = {i: (text, log) for part in everything for i, text, log in part}
     model.train(was_training)
-    return [merged[i] for i in range(len(enc))], bool(res)
+    logs = [merged[i][1] for i in range(len(enc))]
+    return ([merged[i][0] for i in range(len(enc))], bool(res),
+            None if all(x is None for x in logs) else logs)
 
 
 @torch.no_grad()
 def evaluate(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, task: Task,
              tokenizer: Any, cfg: TrainConfig, zero_stage: int,
-             valid_tasks: list[str] | None = None) -> dict[str, float]:
-    """Generate on every rank's shard, gather predictions, score on rank 0, broadcast."""
+             valid_tasks: list[str] | None = None, step: int | None = None) -> dict[str, float]:
+    """Generate on every rank's shard, gather predictions, score on rank 0, broadcast. A
+    prompter with per-example records (ATTEMPT) gets them appended to
+    `<output_dir>/EXAMPLE_LOG` (one line per evaluation, tagged with `step`) and their means
+    into the result (`attention_mean/<candidate>`)."""
     t0 = time.time()
-    preds, res = generate_all(engine, model, enc, tokenizer, cfg.per_device_eval_batch_size,
+    preds, res, logs = generate_all(engine, model, enc, tokenizer, cfg.per_device_eval_batch_size,
                               cfg.generation_max_length, zero_stage, cfg.eval_gather_backbone,
                               valid_tasks)
     result: dict[str, float] = {}
@@ -135,7 +142,29 @@ def evaluate(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded, task: Ta
         result["eval_seconds"] = result["eval_runtime"] = time.time() - t0  # ours; HF's name
         result["eval_samples_per_second"] = len(preds) / max(result["eval_seconds"], 1e-9)
         result["eval_backbone_resident"] = float(res)
+        if logs is not None:
+            result |= log_examples(Path(cfg.output_dir) / EXAMPLE_LOG, step, logs, valid_tasks)
     return dist.broadcast_object(result)  # collective: every rank needs the score (best ckpt)
+
+
+EXAMPLE_LOG = "eval_examples.jsonl"
+
+
+def log_examples(path: Path, step: int | None, logs: list[dict[str, Any]],
+                 ex_tasks: list[str] | None) -> dict[str, float]:
+    """Rank 0: append one evaluation's per-example records (ATTEMPT: which candidate prompts
+    each validation example attended to) as one JSON line `{"step", "examples": [...]}`;
+    returns the mean weight of each candidate (`attention_mean/<name>`) for the metrics log."""
+    import json
+
+    rows = [{"example": i, **({"task": ex_tasks[i]} if ex_tasks else {}), **log}
+            for i, log in enumerate(logs)]
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "examples": rows}) + "\n")
+    weights = [log["attention"] for log in logs if "attention" in log]
+    if not weights:
+        return {}
+    return {f"attention_mean/{k}": sum(w[k] for w in weights) / len(weights) for k in weights[0]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,9 +180,11 @@ EVAL_DIR = "eval"
 
 
 def write_scores(out_dir: Path, task: Task | MixtureTask, split: str, recs: list[dict[str, Any]],
-                 preds: list[str], result: dict[str, float], extra: dict[str, Any]) -> Path:
+                 preds: list[str], logs: list[dict[str, Any]] | None, result: dict[str, float],
+                 extra: dict[str, Any]) -> Path:
     """Rank 0: `<out_dir>/<task>-<split>.json` (the scores and what they depend on) and
-    `.predictions.jsonl` (source, target, prediction per example), each written atomically."""
+    `.predictions.jsonl` (source, target, prediction and the prompter's per-example record, if
+    any, per example), each written atomically."""
     from dtvg_ds.artifacts import atomic_write_json, write_jsonl_atomic
 
     stem = f"{task.name}-{split}"
@@ -162,8 +193,8 @@ def write_scores(out_dir: Path, task: Task | MixtureTask, split: str, recs: list
                              "metric": metric_name(task), "score": result["score"],
                              "metrics": result, **extra})
     rows = [{"source": r["source"], "target": r.get("target"), "prediction": p,
-             **({"task": r["task"]} if "task" in r else {})}
-            for r, p in zip(recs, preds, strict=True)]
+             **({"task": r["task"]} if "task" in r else {}), **(log or {})}
+            for r, p, log in zip(recs, preds, logs or [None] * len(preds), strict=True)]
     write_jsonl_atomic(out_dir / f"{stem}.predictions.jsonl", rows)
     return path
 
@@ -175,14 +206,14 @@ def score_split(engine: Any, model: PromptedSeq2Seq, enc: batches.Encoded,
     """Decode every example (all ranks), score and write `<out_dir>/<task>-<split>.*` on rank 0
     (`extra` joins the settings recorded); every rank returns (the metrics, the result file)."""
     t0 = time.time()
-    preds, res = generate_all(engine, model, enc, tokenizer, cfg.per_device_eval_batch_size,
-                              cfg.generation_max_length, zero_stage, cfg.eval_gather_backbone,
-                              ex_tasks, progress=progress)
+    preds, res, logs = generate_all(engine, model, enc, tokenizer, cfg.per_device_eval_batch_size,
+                                    cfg.generation_max_length, zero_stage,
+                                    cfg.eval_gather_backbone, ex_tasks, progress=progress)
     result: dict[str, float] = {}
     path = out_dir / f"{task.name}-{split}.json"
     if dist.is_main():
         result = score(task, list(range(len(enc))), preds, enc, ex_tasks)
-        write_scores(out_dir, task, split, recs, preds, result,
+        write_scores(out_dir, task, split, recs, preds, logs, result,
                      {**extra, "eval_runtime": round(time.time() - t0, 3),
                       "backbone_resident": res, "zero_stage": zero_stage,
                       **score_settings(cfg, extra.get("backbone", cfg.model_name_or_path))})
@@ -244,7 +275,7 @@ def score_artifact(args: Any) -> dict[str, Any]:
     from dtvg_ds import artifacts, inference
     from dtvg_ds.data.mixtures import MIX_SEPARATOR, is_mixture
     from dtvg_ds.data.zoo import get_task
-    from dtvg_ds.export import artifact_prompt
+    from dtvg_ds.export import artifact_prompter
     from dtvg_ds.logs import configure_logging
 
     art = artifacts.load_artifact(args.artifact, args.allow_in_progress_artifacts)
@@ -252,11 +283,11 @@ def score_artifact(args: Any) -> dict[str, Any]:
     name = args.task or str(art.meta["task"])
     task = (MixtureTask(name.split(MIX_SEPARATOR), cfg.data_dir) if is_mixture(name)
             else get_task(name, cfg.data_dir, cfg.metric))
-    prompt = artifact_prompt(art, args.mpt_task)
+    prompter = artifact_prompter(art, args.mpt_task)
     recs = task.load(args.split, cfg.data_dir, args.max_eval_samples, cfg.data_seed)
     inference.start_process_group()
     configure_logging("info", False)  # now that ranks are known: rank 0 logs
-    dec = inference.build_decoder(art, prompt, args.model_name_or_path or str(art.meta["backbone"]),
+    dec = inference.build_decoder(art, prompter, args.model_name_or_path or str(art.meta["backbone"]),
                                   cfg.deepspeed, cfg.bf16, cfg.cache_dir)
     enc = batches.encode(recs, dec.tokenizer, cfg.max_source_length, cfg.max_target_length)
     ex_tasks = [r.get("task", task.name) for r in recs]

@@ -82,9 +82,14 @@ def artifact_prompt(art: PromptArtifact, mpt_task: str | None = None) -> torch.T
 
     `prompt` for every method except `mpt_source`, whose `prompt` is the shared P*: there the
     student prompt of task `mpt_task`, P* (.) (u_k v_k^T), computed as the training forward does.
+    ATTEMPT artifacts are refused: their prompt depends on each input (`artifact_prompter`).
     """
     from dtvg_ds import prompt_math
 
+    if art.meta.get("method") == "attempt":
+        raise ExportError(f"{art.path}: an ATTEMPT artifact's prompt is built per input by its "
+                          "attention module; it cannot be exported as one static prompt (score "
+                          "or run it with python -m dtvg_ds.evaluation / predict)")
     if art.meta.get("method") != "mpt_source":
         if mpt_task is not None:
             raise ExportError(f"--mpt_task applies to MPT source artifacts only; {art.path} is "
@@ -100,6 +105,22 @@ def artifact_prompt(art: PromptArtifact, mpt_task: str | None = None) -> torch.T
     k = tasks.index(mpt_task)
     return prompt_math.mpt_prompt(art.prompt.float(), art.tensors["u"][k].float(),
                                   art.tensors["v"][k].float())
+
+
+def artifact_prompter(art: PromptArtifact, mpt_task: str | None = None) -> torch.nn.Module:
+    """The prompter that decodes with the artifact as its training run did: the static
+    `artifact_prompt` in a `FixedPrompt`, or for ATTEMPT the attention module rebuilt from the
+    artifact (a prompt per input). Used by evaluation, predict and --do_test."""
+    if art.meta.get("method") == "attempt":
+        if mpt_task is not None:
+            raise ExportError(f"--mpt_task applies to MPT source artifacts only; {art.path} is "
+                              "an ATTEMPT artifact: drop the flag")
+        from dtvg_ds.methods.attempt import Attempt
+
+        return Attempt.from_artifact(art)
+    from dtvg_ds.model import FixedPrompt
+
+    return FixedPrompt(artifact_prompt(art, mpt_task))
 
 
 def _check_output_dir(out: Path, overwrite: bool, what: str) -> None:

@@ -20,7 +20,7 @@ from dtvg_ds import backbone, dist
 from dtvg_ds.artifacts import PromptArtifact
 from dtvg_ds.config import TrainConfig, read_ds_config, resolve_ds_config
 from dtvg_ds.config import zero_stage as get_zero_stage
-from dtvg_ds.model import FixedPrompt, PromptedSeq2Seq, load_backbone
+from dtvg_ds.model import PromptedSeq2Seq, load_backbone
 
 
 @dataclass
@@ -61,10 +61,11 @@ def inference_ds_config(path: str, bf16: bool) -> dict[str, Any]:
     return ds
 
 
-def build_decoder(art: PromptArtifact, prompt: torch.Tensor, model_name_or_path: str,
+def build_decoder(art: PromptArtifact, prompter: torch.nn.Module, model_name_or_path: str,
                   deepspeed_config: str, bf16: bool = False, cache_dir: str = ".cache") -> Decoder:
-    """The backbone (sharded under ZeRO-3) + `prompt`, wrapped by `deepspeed.initialize` with no
-    optimizer. The backbone is checked against the artifact before its weights load. All ranks."""
+    """The backbone (sharded under ZeRO-3) + `prompter` (`export.artifact_prompter`: the saved
+    prompt, or ATTEMPT's module), wrapped by `deepspeed.initialize` with no optimizer. The
+    backbone is checked against the artifact before its weights load. All ranks."""
     import deepspeed
     from transformers import AutoTokenizer
 
@@ -80,7 +81,7 @@ def build_decoder(art: PromptArtifact, prompt: torch.Tensor, model_name_or_path:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds)  # from_pretrained inside zero.Init: 1/N per rank
-    model = PromptedSeq2Seq(FixedPrompt(prompt),
+    model = PromptedSeq2Seq(prompter,
                             load_backbone(path, torch.bfloat16 if bf16 else torch.float32))
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
     del keep_alive

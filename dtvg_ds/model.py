@@ -8,6 +8,7 @@ module is whole on every rank (ZeRO persistence, set by the engine).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -100,6 +101,22 @@ class FixedPrompt(nn.Module):
         """No per-example inputs: the same prompt for every example."""
         return {}
 
+    def example_log(self) -> list[dict[str, Any]] | None:
+        """Nothing per example to log: the prompt does not depend on the input."""
+        return None
+
+
+@dataclass
+class PromptInputs:
+    """What an instance-level prompter (one whose class sets `instance_level = True`, e.g.
+    ATTEMPT) reads of a batch to build each example's prompt."""
+
+    input_ids: torch.Tensor  # B x L
+    attention_mask: torch.Tensor  # B x L, 0 at padding
+    tokens: torch.Tensor  # B x L x d: the frozen backbone's embedding lookup of input_ids
+    embedding: nn.Module  # that lookup module: call it (never read .weight) so ZeRO-3 gathers
+    pad_token_id: int
+
 
 class PromptedSeq2Seq(nn.Module):
     """Frozen encoder-decoder + a prompt module whose forward() returns the r x d prompt."""
@@ -111,13 +128,29 @@ class PromptedSeq2Seq(nn.Module):
         self.prompter = prompter
         self.backbone = backbone
 
+    def prompt_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   **extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this batch's prompt, the input token embeddings): the one way every method's prompt
+        is made, in training and in decoding. The prompter gets the batch's per-example extras
+        (MPT: task ids); an instance-level prompter (ATTEMPT) also the `PromptInputs`. The
+        embedding lookup is done once and reused for the encoder input (`embed(tokens=...)`)."""
+        emb = self.backbone.get_input_embeddings()
+        tokens = emb(input_ids)
+        if getattr(self.prompter, "instance_level", False):
+            extra = {**extra, "inputs": PromptInputs(input_ids, attention_mask, tokens, emb,
+                                                     int(self.backbone.config.pad_token_id))}
+        return self.prompter(**extra), tokens  # calling the module lets ZeRO-3 fetch it
+
     def embed(self, prompt: torch.Tensor, input_ids: torch.Tensor,
-              attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              attention_mask: torch.Tensor,
+              tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[prompt; token embeddings] and the attention mask extended by r ones.
 
-        `prompt` is r x d (one prompt for the batch) or B x r x d (one per example, MPT).
+        `prompt` is r x d (one prompt for the batch) or B x r x d (one per example: MPT,
+        ATTEMPT). `tokens`: the lookup of `input_ids` when the caller already has it.
         """
-        tokens = self.backbone.get_input_embeddings()(input_ids)
+        if tokens is None:
+            tokens = self.backbone.get_input_embeddings()(input_ids)
         b = input_ids.shape[0]
         prompt = prompt.to(tokens.dtype)
         prompt = prompt.unsqueeze(0).expand(b, -1, -1) if prompt.dim() == 2 else prompt
@@ -126,9 +159,9 @@ class PromptedSeq2Seq(nn.Module):
         return embeds, mask
 
     def run(self, prompt: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            labels: torch.Tensor, **kw: Any) -> Any:
+            labels: torch.Tensor, tokens: torch.Tensor | None = None, **kw: Any) -> Any:
         """The backbone's seq2seq output with `prompt` prepended (loss on `labels`, -100 ignored)."""
-        embeds, mask = self.embed(prompt, input_ids, attention_mask)
+        embeds, mask = self.embed(prompt, input_ids, attention_mask, tokens)
         return self.backbone(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kw)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -142,8 +175,8 @@ class PromptedSeq2Seq(nn.Module):
                  **extra: torch.Tensor) -> torch.Tensor:
         """Greedy decoding with the prompt; `synced_gpus` must be True on every rank under
         ZeRO-3 unless the backbone is resident (see `dist.backbone_resident`)."""
-        prompt = self.prompter(**extra)  # calling the module lets ZeRO-3 fetch its parameters
-        embeds, mask = self.embed(prompt, input_ids, attention_mask)
+        prompt, tokens = self.prompt_for(input_ids, attention_mask, **extra)
+        embeds, mask = self.embed(prompt, input_ids, attention_mask, tokens)
         return self.backbone.generate(inputs_embeds=embeds, attention_mask=mask,
                                       max_new_tokens=max_new_tokens, do_sample=False,
                                       num_beams=1, synced_gpus=synced_gpus)

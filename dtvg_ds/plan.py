@@ -241,7 +241,15 @@ def prompt_tensors(method: str, r: int, d: int, n_sources: int) -> tuple[list[li
         # prompt, scale_target, scale_sources (three groups, see methods/dtvg.py); P_init and
         # the n source task vectors are fp32 tensors every rank holds.
         return [[r * d], [r], [n_sources * r]], r * d + n_sources * r * d
-    raise PlanError(f"--method {method}: the planner knows pt and dtvg")
+    if method == "attempt":
+        if n_sources < 1:
+            raise PlanError("--method attempt needs --num_sources >= 1")
+        # target prompt; W_down, W_up (m = 100, the default --attempt_hidden; methods/attempt.py).
+        # Frozen fp32: P_init, the n source prompts and their max-pooled keys. Its activations
+        # beyond PT's (a few B x d tensors of the attention module) are not counted.
+        m = 100
+        return [[r * d], [m * d, d * m]], r * d + n_sources * (r * d + d)
+    raise PlanError(f"--method {method}: the planner knows pt, dtvg and attempt")
 
 
 def _zero(ds: dict[str, Any]) -> dict[str, Any]:
@@ -589,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(zero3)")
     ap.add_argument("--num_virtual_tokens", type=int, default=100)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--method", choices=["pt", "dtvg"], default="pt")
+    ap.add_argument("--method", choices=["pt", "dtvg", "attempt"], default="pt")
     ap.add_argument("--num_sources", type=int, default=6)
     ap.add_argument("--quantize", choices=["none", "int8", "4bit"], default="none",
                     help="bitsandbytes backbone: int8 (--load_in_8bit) or 4bit (--load_in_4bit)")

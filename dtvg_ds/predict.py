@@ -46,15 +46,15 @@ def build_model(art: PromptArtifact, model_name_or_path: str, dtype: torch.dtype
     from transformers import AutoTokenizer
 
     from dtvg_ds import backbone
-    from dtvg_ds.export import artifact_prompt
-    from dtvg_ds.model import FixedPrompt, PromptedSeq2Seq, load_backbone
+    from dtvg_ds.export import artifact_prompter
+    from dtvg_ds.model import PromptedSeq2Seq, load_backbone
 
-    prompt = artifact_prompt(art, mpt_task)
+    prompter = artifact_prompter(art, mpt_task)
     path = backbone.resolve(model_name_or_path, cache_dir)
     config = backbone.read_config(path, model_name_or_path)
     backbone.check_artifact(art, backbone.fingerprint(config), model_name_or_path, config.d_model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = PromptedSeq2Seq(FixedPrompt(prompt), load_backbone(path, dtype))
+    model = PromptedSeq2Seq(prompter, load_backbone(path, dtype))
     return model.eval(), tokenizer
 
 
@@ -227,17 +227,17 @@ def _run_sharded(args: argparse.Namespace, art: PromptArtifact, items: list[Item
     from dtvg_ds import dist, inference
     from dtvg_ds.data import batches
     from dtvg_ds.evaluation import generate_all
-    from dtvg_ds.export import artifact_prompt
+    from dtvg_ds.export import artifact_prompter
 
     inference.start_process_group()
-    dec = inference.build_decoder(art, artifact_prompt(art, args.mpt_task),
+    dec = inference.build_decoder(art, artifact_prompter(art, args.mpt_task),
                                   args.model_name_or_path or str(art.meta["backbone"]),
                                   args.deepspeed, args.bf16, args.cache_dir)
     recs = [{"source": it.source, "target": ""} for it in items]
     enc = batches.encode(recs, dec.tokenizer, args.max_source_length, 1)
-    preds, _ = generate_all(dec.engine, dec.model, enc, dec.tokenizer, args.batch_size,
-                            args.max_new_tokens, dec.zero_stage, args.eval_gather_backbone,
-                            progress=not args.quiet)
+    preds, _, _ = generate_all(dec.engine, dec.model, enc, dec.tokenizer, args.batch_size,
+                               args.max_new_tokens, dec.zero_stage, args.eval_gather_backbone,
+                               progress=not args.quiet)
     if dist.is_main():
         write_jsonl_atomic(out, [{**it.row, "source": it.source, "prediction": p}
                                  for it, p in zip(items, preds, strict=True)])

@@ -1,9 +1,9 @@
-"""Pure tensor math of the soft-prompt methods: DTVG grouping and merging, SPoT, MPT.
+"""Pure tensor math of the soft-prompt methods: DTVG grouping and merging, SPoT, MPT, ATTEMPT.
 
 Everything here is "tensors in, tensors out": no torch.distributed, no I/O and no import from the
 rest of the project, so that every rank can run it on its own replica, and so that it can be
-tested exhaustively on tiny hand-computed tensors. The specification is the DTVG / SPoT / MPT
-sections of docs/algorithms.md.
+tested exhaustively on tiny hand-computed tensors. The specification is the DTVG / SPoT / MPT /
+ATTEMPT sections of docs/algorithms.md.
 
 Shape conventions: ``r`` prompt tokens, ``d`` model width, ``n`` source tasks.
 """
@@ -19,10 +19,14 @@ from torch import Tensor
 
 __all__ = [
     "GroupResult",
+    "attempt_mixture",
+    "attempt_query",
+    "attempt_weights",
     "distill_hidden_loss",
     "distill_logits_loss",
     "knowledge_consistency",
     "merge",
+    "max_pool_tokens",
     "mpt_prompt",
     "pairwise_sim",
     "scale_rows",
@@ -436,3 +440,79 @@ def distill_hidden_loss(
     # Mean over d first, then the masked mean over positions == mean over unmasked positions x d.
     per_position = diff.pow(2).mean(dim=-1)
     return _masked_mean(per_position, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# ATTEMPT (attentional mixture of prompts)
+# --------------------------------------------------------------------------------------------
+
+
+def max_pool_tokens(x: Tensor, mask: Tensor | None = None, extra: Tensor | None = None) -> Tensor:
+    """Max over the token axis (-2): ``[..., L, d] -> [..., d]``.
+
+    ``mask [..., L]`` (bool or 0/1): only set positions join the max (padding excluded). A row
+    with no set position gives ``-inf`` unless ``extra`` fills it. ``extra [..., d]`` (optional)
+    joins the max as one more token where it is finite: the released ATTEMPT code pools over
+    inputs padded to max_source_length, i.e. over the real tokens plus the pad embedding; passing
+    the pad embedding for rows shorter than that limit (``-inf`` elsewhere) reproduces it exactly
+    whatever this batch's own padding is.
+    """
+    if mask is not None:
+        if mask.shape != x.shape[:-1]:
+            raise ValueError(f"mask shape {tuple(mask.shape)} != token shape {tuple(x.shape[:-1])}")
+        # Select away (not multiply): masked positions never win the max.
+        x = x.masked_fill(~mask.bool().unsqueeze(-1), float("-inf"))
+    pooled = x.max(dim=-2).values
+    if extra is not None:
+        pooled = torch.maximum(pooled, extra.to(pooled.dtype).expand_as(pooled))
+    return pooled
+
+
+def attempt_query(pooled: Tensor, w_down: Tensor, w_up: Tensor, eps: float = 1e-5) -> Tensor:
+    """ATTEMPT's instance representation ``h = LayerNorm(W_up SiLU(W_down x))``.
+
+    ``pooled [B, d]`` (the max-pooled input embeddings), ``w_down [m, d]``, ``w_up [d, m]``
+    (``nn.Linear`` weight layout, no bias) -> ``[B, d]``. The LayerNorm has no affine part: the
+    released code keeps its weight 1 and bias 0 frozen, which is the same function.
+    """
+    _check_dim("pooled", pooled, 2)
+    if w_down.shape[1] != pooled.shape[1] or w_up.shape != (pooled.shape[1], w_down.shape[0]):
+        raise ValueError(f"attempt_query expects w_down [m, {pooled.shape[1]}] and w_up "
+                         f"[{pooled.shape[1]}, m]; got {tuple(w_down.shape)}, {tuple(w_up.shape)}")
+    h = torch.nn.functional.linear(torch.nn.functional.silu(
+        torch.nn.functional.linear(pooled, w_down)), w_up)
+    return torch.nn.functional.layer_norm(h, h.shape[-1:], eps=eps)
+
+
+def attempt_weights(query: Tensor, pooled_candidates: Tensor, temperature: float) -> Tensor:
+    """Per-example attention over the candidate prompts: ``softmax_j(p_j . h / T)``.
+
+    ``query [B, d]``; ``pooled_candidates [B, P, d]`` (each example's candidates, max-pooled over
+    their tokens) or ``[P, d]`` (the same for all) -> ``[B, P]``, each row a distribution. A plain
+    dot product divided by the fixed temperature (no extra 1/sqrt(d)), as released.
+    """
+    _check_dim("query", query, 2)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    cands = pooled_candidates if pooled_candidates.dim() == 3 else pooled_candidates.unsqueeze(0)
+    scores = torch.einsum("bpd,bd->bp", cands.to(query.dtype).expand(query.shape[0], -1, -1),
+                          query) / temperature
+    return torch.softmax(scores, dim=-1)
+
+
+def attempt_mixture(target: Tensor, sources: Tensor, weights: Tensor) -> Tensor:
+    """The instance prompt ``P(x) = P_tgt + sum_j a_j P_j + a_tgt P_tgt``.
+
+    ``target [B, r, d]`` (each example's target prompt) or ``[r, d]``; ``sources [n, r, d]``
+    (frozen); ``weights [B, n + 1]`` (sources first, the target last: the target is itself a
+    candidate and is then added again, as in the released code) -> ``[B, r, d]``. The sum over
+    the sources is one einsum: no ``[B, n, r, d]`` temporary.
+    """
+    _check_dim("sources", sources, 3)
+    n = sources.shape[0]
+    if weights.dim() != 2 or weights.shape[1] != n + 1:
+        raise ValueError(f"weights must be [B, {n + 1}] (n sources + the target); got "
+                         f"{tuple(weights.shape)}")
+    tgt = target if target.dim() == 3 else target.unsqueeze(0).expand(weights.shape[0], -1, -1)
+    mix = torch.einsum("bn,nrd->brd", weights[:, :n], sources.to(weights.dtype))
+    return tgt * (1 + weights[:, n, None, None]) + mix

@@ -13,6 +13,9 @@ and on one still in progress (a torn last line is skipped). Writes into `<output
   TS threshold dashed.
 - `dtvg_kc.png`: the knowledge-consistency curve KC(k) over prefixes of the TS ranking at a few
   steps overlaid, the chosen k marked.
+- `attempt_attention.png` (ATTEMPT, from `eval_examples.jsonl`): the distribution over the
+  validation examples of each candidate prompt's attention weight at the last evaluation, and
+  the mean weight of each candidate over the evaluations.
 - `summary.png`: one page: run facts, loss, validation metric and (DTVG) the three figures
   above plus the final per-source scales.
 
@@ -35,6 +38,7 @@ from dtvg_ds.artifacts import META_FILE, TENSORS_FILE, atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 GROUPS_FILE = "groups.jsonl"
+EXAMPLES_FILE = "eval_examples.jsonl"  # per-example records of each evaluation (evaluation.py)
 RUN_CONFIG_FILE = "run_config.json"
 DPI = 110
 # Membership states of a source at a regrouping (heat map values and their legend).
@@ -62,7 +66,12 @@ class RunLogs:
     config: dict[str, Any] = field(default_factory=dict)        # run_config.json "config"
     world_size: int | None = None
     scales: dict[str, Any] = field(default_factory=dict)        # DTVG scale tensors
+    examples: list[dict[str, Any]] = field(default_factory=list)  # ATTEMPT attention per eval
     skipped_lines: int = 0
+
+    @property
+    def has_attention(self) -> bool:
+        return any("attention" in r for e in self.examples for r in e.get("examples", []))
 
     @property
     def is_dtvg(self) -> bool:
@@ -139,7 +148,8 @@ def load_run(output_dir: str | Path) -> RunLogs:
     groups, bad_g = _read_jsonl(p / GROUPS_FILE)
     if not metrics and not groups:
         raise ReportError(f"{p}: no {METRICS_FILE} records (yet); is this a run's --output_dir?")
-    run = RunLogs(p, skipped_lines=bad_m + bad_g, groups=groups)
+    examples, bad_e = _read_jsonl(p / EXAMPLES_FILE)
+    run = RunLogs(p, skipped_lines=bad_m + bad_g + bad_e, groups=groups, examples=examples)
     run.train = [r for r in metrics if "loss" in r]
     run.evals = [r for r in metrics if any(k.startswith("eval_") for k in r)]
     for name, target in ((META_FILE, "meta"), (RUN_CONFIG_FILE, "config")):
@@ -483,6 +493,35 @@ def figure_kc(run: RunLogs) -> Any:
     return fig
 
 
+def draw_attention(dist_ax: Any, mean_ax: Any, run: RunLogs) -> None:
+    """ATTEMPT: per candidate prompt, the spread of its weight over the validation examples at
+    the last evaluation (box plot), and its mean weight at each evaluation."""
+    evals = [e for e in run.examples if any("attention" in r for r in e.get("examples", []))]
+    names = list(evals[-1]["examples"][0]["attention"])
+    last = [r["attention"] for r in evals[-1]["examples"]]
+    dist_ax.boxplot([[w[n] for w in last] for n in names], tick_labels=names)
+    dist_ax.axhline(1 / len(names), color="grey", ls="--", lw=0.8, label="uniform")
+    dist_ax.set_ylabel("attention weight")
+    dist_ax.set_title(f"per-example attention, step {evals[-1].get('step')} "
+                      f"({len(last)} examples)", loc="left")
+    dist_ax.legend(loc="best", fontsize=8)
+    steps = [e.get("step") or 0 for e in evals]
+    for n in names:
+        means = [_mean([r["attention"][n] for r in e["examples"] if "attention" in r])
+                 for e in evals]
+        mean_ax.plot(steps, means, marker="o", label=n)
+    mean_ax.set_xlabel("step")
+    mean_ax.set_ylabel("mean attention weight")
+    mean_ax.set_title("mean attention per candidate", loc="left")
+    mean_ax.legend(fontsize=8)
+
+
+def figure_attention(run: RunLogs) -> Any:
+    fig = _figure(12, 4.5)
+    draw_attention(*fig.subplots(1, 2), run)
+    return fig
+
+
 def figure_summary(run: RunLogs) -> Any:
     """One page: facts, loss, metric; for DTVG also membership, TS, KC and scales."""
     if not run.is_dtvg:
@@ -528,6 +567,8 @@ def write_report(output_dir: str | Path, out: str | Path | None = None) -> list[
         written += [_save(figure_groups(run), dest / "dtvg_groups.png"),
                     _save(figure_ts(run), dest / "dtvg_target_similarity.png"),
                     _save(figure_kc(run), dest / "dtvg_kc.png")]
+    if run.has_attention:
+        written.append(_save(figure_attention(run), dest / "attempt_attention.png"))
     written.append(_save(figure_summary(run), dest / "summary.png"))
     return written
 

@@ -27,8 +27,9 @@ from dtvg_ds.config import ConfigError, TrainConfig
 RUN_FILE = "run.json"
 ASIDE_PREFIX = ".replaced-"
 # Everything a training run writes into its output dir (logs.py, engine.py, artifacts.py,
-# checkpoint.py, memtrace.py, methods/dtvg.py, W&B, the sbatch scripts' shared-fs probe).
+# checkpoint.py, memtrace.py, methods/dtvg.py, evaluation.py, W&B, the sbatch scripts' shared-fs probe).
 OWNED = ("checkpoints", "metrics.jsonl", "groups.jsonl", "method.jsonl", "group_trace",
+         "eval_examples.jsonl",
          "run_config.json", RUN_FILE, "prompt.safetensors", "tpv.json", "tensorboard", "wandb",
          "wandb_run_id", "adapter", "report", "eval", "memory.rank*.jsonl", ".*.tmp",
          ".slurm-shared-check.*", ".dtvg_ds-write-probe-*", f"{ASIDE_PREFIX}*")

@@ -9,14 +9,14 @@ from typing import Any
 import torch
 
 from dtvg_ds.config import TrainConfig
-from dtvg_ds.methods import dtvg, mpt, pt, spot
+from dtvg_ds.methods import attempt, dtvg, mpt, pt, spot
 from dtvg_ds.methods.base import MethodSpec, PromptMethod
 from dtvg_ds.methods.inputs import MethodInputs, check_against_run, read_inputs
 
 __all__ = ["REGISTRY", "PromptMethod", "build_method", "load_inputs", "validate"]
 
 REGISTRY: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    pt.SPEC, spot.SPEC, dtvg.SPEC, mpt.SOURCE_SPEC, mpt.TARGET_SPEC)}
+    pt.SPEC, spot.SPEC, dtvg.SPEC, mpt.SOURCE_SPEC, mpt.TARGET_SPEC, attempt.SPEC)}
 
 
 def validate(cfg: TrainConfig) -> list[str]:

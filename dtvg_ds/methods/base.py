@@ -60,6 +60,9 @@ class PromptMethod(nn.Module, abc.ABC):
     frozen, must stay fp32 when the engine casts the module to bf16, and is not checkpointed."""
 
     name = "base"
+    # True: forward() gets the batch's `model.PromptInputs` (`inputs=`) and returns one prompt
+    # per example (ATTEMPT); False: the prompt does not depend on the input.
+    instance_level = False
     log_name = "method.jsonl"  # where records returned by on_step_start go
 
     def __init__(self, p_init: torch.Tensor):
@@ -87,9 +90,10 @@ class PromptMethod(nn.Module, abc.ABC):
                      **extra: torch.Tensor) -> torch.Tensor:
         """The training loss of one micro batch; `model` is the `PromptedSeq2Seq` wrapper.
 
-        Default: token cross-entropy with this step's prompt (calling `self(...)` lets ZeRO-3
-        fetch the prompt parameters)."""
-        return model.run(self(**extra), input_ids, attention_mask, labels).loss
+        Default: token cross-entropy with this step's prompt, made the one way decoding makes
+        it too (`model.prompt_for`)."""
+        prompt, tokens = model.prompt_for(input_ids, attention_mask, **extra)
+        return model.run(prompt, input_ids, attention_mask, labels, tokens=tokens).loss
 
     def micro_batch(self, micro_step: int, ex_tasks: list[str], seed: int, micro_batch: int,
                     rank: int, world: int) -> list[int]:
@@ -100,6 +104,11 @@ class PromptMethod(nn.Module, abc.ABC):
     def batch_extras(self, idx: list[int], ex_tasks: list[str]) -> dict[str, torch.Tensor]:
         """Extra tensors a method needs per example (MPT: task ids); passed to forward()."""
         return {}
+
+    def example_log(self) -> list[dict[str, Any]] | None:
+        """Per-example records of the last prompt built (ATTEMPT: the attention weights), logged
+        at evaluation beside each prediction; None when the prompt does not depend on the input."""
+        return None
 
     def loss_parts(self) -> dict[str, float]:
         """Named components of the last loss, for logging (e.g. MPT's distillation terms)."""
