@@ -67,6 +67,9 @@ def test_t5_base_plan_has_the_published_settings(tmp_path):
     assert d.deps == ["pt-rte-full-s43", *(f"stage1-{s}" for s in SOURCES)]
     assert jobs["dtvg_no_kc-rte-full-s43"].flags["ablation"] == "no_kc"
     assert jobs["mpt-rte-full-s42"].deps == ["mpt_source"]
+    a = jobs["attempt-cb-full-s44"]  # ATTEMPT as released: lr 0.3, 20 epochs, the 6 sources
+    assert a.flags["learning_rate"] == 0.3 and a.flags["max_steps"] == math.ceil(20 * 250 / 32)
+    assert a.deps == ["pt-cb-full-s44", *(f"stage1-{s}" for s in SOURCES)]
     # a target that is also a source never transfers from its own stage-1 run
     m = jobs["dtvg-mnli-full-s42"]
     assert m.deps[0] == "pt-mnli-full-s42" and "stage1-mnli" not in m.deps
@@ -239,10 +242,13 @@ def test_demo_protocol_local_end_to_end(tiny_model, tmp_path):
     p = _cli("table", str(out))
     assert p.returncode == 0, p.stderr
     md = (out / "table.md").read_text()
-    row = next(x for x in md.splitlines() if x.startswith("| demo | senti_c |"))
-    cells = [c.strip() for c in row.strip("|").split("|")][2:]  # pt spot mpt dtvg target_only
-    assert cells[1] == cells[2] == cells[4] == "—" and cells[0][0].isdigit() \
-        and cells[3][0].isdigit(), row
+    lines = md.splitlines()
+    head = next(x for x in lines if x.startswith("| benchmark | task |"))
+    row = next(x for x in lines if x.startswith("| demo | senti_c |"))
+    cells = dict(zip([c.strip() for c in head.strip("|").split("|")],
+                     [c.strip() for c in row.strip("|").split("|")], strict=True))
+    assert cells["pt"][0].isdigit() and cells["dtvg"][0].isdigit(), row
+    assert cells["spot"] == cells["mpt"] == cells["attempt"] == "—", row  # not selected
     assert "has_color_or_number | — |" in md
     csv = (out / "table.csv").read_text()
     assert f"full,demo,senti_c,dtvg,1,{test['score']}," in csv
