@@ -261,3 +261,31 @@ def test_demo_protocol_local_end_to_end(tiny_model, tmp_path):
         "warmup_steps 1 -> 2" in p.stdout, p.stdout
     assert {j.id: _launches(state.log_path(out, j)) for j in jobs} == after
     assert os.path.exists(Path(_by_id(jobs)["stage1-senti_a"].output_dir) / "tpv.json")
+
+
+def test_job_states_from_records(tmp_path):
+    """What `status` says about a job from the executors' records (no artifact yet)."""
+    out = tmp_path / "proto"
+    jobs = _plan("demo", out)
+    by = _by_id(jobs)
+    src, pt = by["stage1-senti_a"], by["pt-senti_c-full-s1"]
+    dtvg = by["dtvg-senti_c-full-s1"]
+    assert state.judge(out, jobs)[src.id].state == state.READY
+    assert state.judge(out, jobs)[dtvg.id].state == state.WAITING
+    state.write_record(out, src, executor="local", pid=os.getpid(), exit_code=None)
+    assert state.judge(out, jobs)[src.id].state == state.RUNNING
+    state.write_record(out, src, executor="local", pid=2**22 + 7, exit_code=None)  # gone
+    v = state.judge(out, jobs)
+    assert v[src.id].state == state.FAILED and "interrupted" in v[src.id].detail
+    assert v[dtvg.id].state == state.BLOCKED and src.id in v[dtvg.id].detail
+    state.log_path(out, pt).parent.mkdir(parents=True, exist_ok=True)
+    state.log_path(out, pt).write_text("$ deepspeed ...\nstep 1\nerror: --task senti_c: boom\n"
+                                       "[launcher] exit 2\n")
+    state.write_record(out, pt, executor="local", pid=1, exit_code=2)
+    assert state.judge(out, jobs)[pt.id].detail == "exit 2: error: --task senti_c: boom"
+    # SLURM: the queue decides queued/running; gone from it without an artifact = failed
+    state.write_record(out, src, executor="slurm", slurm_job_id="41")
+    assert state.judge(out, jobs, {"41": "PENDING"})[src.id].state == state.QUEUED
+    assert state.judge(out, jobs, {"41": "RUNNING"})[src.id].state == state.RUNNING
+    v = state.judge(out, jobs, {})[src.id]
+    assert v.state == state.FAILED and "never started" in v.detail

@@ -166,8 +166,11 @@ def _judge_one(out: Path, job: Job, done_so_far: dict[str, Verdict],
             "it never started (SLURM cancels a job whose afterok dependency failed)"
         return Verdict(FAILED, f"SLURM job {rec['slurm_job_id']} ended without a verified "
                        f"artifact ({v.detail}): {why}")
-    if rec.get("pid") and rec.get("exit_code") is None and pid_alive(int(rec["pid"])):
-        return Verdict(RUNNING, f"pid {rec['pid']}; {v.detail}")
+    if rec.get("pid") and rec.get("exit_code") is None:
+        if pid_alive(int(rec["pid"])):
+            return Verdict(RUNNING, f"pid {rec['pid']}; {v.detail}")
+        return Verdict(FAILED, f"interrupted: the `protocol run` that started it was stopped "
+                       f"({v.detail}); the next run resumes it from its last checkpoint")
     if rec.get("exit_code") not in (None, 0) or rec.get("pid"):
         return Verdict(FAILED, f"exit {rec.get('exit_code')}: {error_line(log_path(out, job))}")
     failed = [d for d in job.deps if done_so_far.get(d, Verdict("")).state in (FAILED, BLOCKED,
