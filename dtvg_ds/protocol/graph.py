@@ -175,7 +175,7 @@ def _batch(p: Protocol, job: Job) -> list[str]:
         from dtvg_ds.protocol.recipe import choose
 
         try:
-            job.recipe = choose(p, job)
+            job.recipe = choose(p, job.flags, job.ranks, job.global_batch, job.method)
         except ValueError as e:
             return [f"job {job.id}: {e}"]
         job.flags["deepspeed"] = job.recipe["deepspeed"]

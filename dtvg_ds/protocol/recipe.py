@@ -9,13 +9,10 @@ modelled peak under `HEADROOM` of the GPU's memory wins; accumulation makes up t
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dtvg_ds.config import read_ds_config
 from dtvg_ds.protocol.spec import AUTO, Protocol
-
-if TYPE_CHECKING:
-    from dtvg_ds.protocol.graph import Job
 
 CANDIDATES = ("zero2", "zero3", "zero3_offload")  # whole backbone first: no per-layer gathers
 HEADROOM = 0.85  # the planner leaves out allocator fragmentation, the CUDA context, buffers
@@ -32,9 +29,11 @@ def micro_batches(per_rank: int) -> list[int]:
     return sorted(sizes, reverse=True)
 
 
-def choose(p: Protocol, job: Job) -> dict[str, Any]:
+def choose(p: Protocol, f: dict[str, Any], ranks: int, global_batch: int,
+           method: str) -> dict[str, Any]:
     """{'deepspeed', 'per_device_train_batch_size', 'peak_train_gib', 'gpu_memory_gib',
-    'planner'} for `job`; raises ValueError when nothing fits (naming what to change)."""
+    'planner'} for a job with training flags `f` on `ranks` ranks; raises ValueError when
+    nothing fits (naming what to change)."""
     from dtvg_ds.plan import PlanError, load_config, meta_model, param_shapes, plan
 
     try:
@@ -43,23 +42,22 @@ def choose(p: Protocol, job: Job) -> dict[str, Any]:
         raise ValueError(str(e)) from None
     if p.model_name_or_path not in _SHAPES:  # building the meta model costs seconds at XL
         _SHAPES[p.model_name_or_path] = param_shapes(config, meta_model(config))
-    f = job.flags
-    per_rank = max(job.global_batch // job.ranks, 1)
+    per_rank = max(global_batch // ranks, 1)
     configs = CANDIDATES if p.deepspeed == AUTO else (p.deepspeed,)
     micros = (micro_batches(per_rank) if p.per_device_train_batch_size == AUTO
               else [int(p.per_device_train_batch_size)])
     budget = p.resources.gpu_memory_gib * GIB * HEADROOM
-    method = "dtvg" if job.method == "dtvg" else "pt"  # the planner models these two prompts
+    method = "dtvg" if method == "dtvg" else "pt"  # the planner models these two prompts
     n_src = len(f.get("source_tpvs", ())) or 1
     lens = (int(f.get("num_virtual_tokens", 100)), bool(f.get("bf16", False)),
             int(f.get("max_source_length", 256)), int(f.get("max_target_length", 16)),
             bool(f.get("gradient_checkpointing")))
 
     def peak(name: str, micro: int) -> float:
-        key = (p.model_name_or_path, name, job.ranks, micro, method, n_src, *lens)
+        key = (p.model_name_or_path, name, ranks, micro, method, n_src, *lens)
         if key not in _PEAKS:  # jobs of a protocol share most keys
             try:
-                _PEAKS[key] = plan(config, job.ranks, read_ds_config(name), lens[0], lens[1],
+                _PEAKS[key] = plan(config, ranks, read_ds_config(name), lens[0], lens[1],
                                    method, n_src, shapes=_SHAPES[p.model_name_or_path],
                                    batch=micro, source_len=lens[2], target_len=lens[3],
                                    gradient_checkpointing=lens[4],
@@ -76,7 +74,7 @@ def choose(p: Protocol, job: Job) -> dict[str, Any]:
                 "peak_train_gib": round(peak(name, micro) / GIB, 2),
                 "gpu_memory_gib": p.resources.gpu_memory_gib,
                 "planner": f"python -m dtvg_ds.plan --model_name_or_path "
-                           f"{p.model_name_or_path} --world_size {job.ranks} --deepspeed {name} "
+                           f"{p.model_name_or_path} --world_size {ranks} --deepspeed {name} "
                            f"--per_device_train_batch_size {micro} --max_source_length {lens[2]} "
                            f"--max_target_length {lens[3]}" + " --bf16" * lens[1]}
     raise ValueError(f"no ZeRO config of {list(configs)} with a micro batch of "
